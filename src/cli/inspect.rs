@@ -1,0 +1,181 @@
+//! `ottkv inspect MODEL.gguf [--json]`: reads only the header through the memory map.
+
+use crate::error::Result;
+use crate::eval::memory::peak_rss_bytes;
+use crate::eval::memory::{kv_bytes_per_token, INSPECT_CACHES};
+use crate::gguf::{GgufFile, ModelHparams};
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// The GGUF model file.
+    model: PathBuf,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Serialize)]
+struct Report {
+    path: String,
+    file_size: u64,
+    gguf_version: u32,
+    architecture: String,
+    name: Option<String>,
+    /// Absent when the architecture is not one the engine runs (`hparams_error` says why).
+    hparams: Option<Hparams>,
+    hparams_error: Option<String>,
+    tensor_count: usize,
+    tensor_types: BTreeMap<String, usize>,
+    /// K+V bytes per token over all layers; ott2 at 8192 tokens, window and pools included;
+    /// llama.cpp's block types are absent where head_dim is not a multiple of their block.
+    kv_bytes_per_token: BTreeMap<String, f64>,
+    peak_rss_bytes: Option<u64>,
+}
+
+#[derive(Serialize)]
+struct Hparams {
+    n_layer: u32,
+    n_head: u32,
+    n_head_kv: u32,
+    head_dim: u32,
+    n_embd: u32,
+    n_ff: u32,
+    n_ctx_train: u32,
+    rope_type: String,
+    rope_freq_base: f32,
+    rope_freq_scale: f32,
+    vocab_size: u32,
+    tokenizer: String,
+}
+
+pub fn run(a: &Args) -> Result<()> {
+    let file = GgufFile::open(&a.model)?;
+    let g = file.gguf();
+    let mut tensor_types = BTreeMap::new();
+    for t in g.tensors() {
+        *tensor_types
+            .entry(t.ggml_type.name().to_string())
+            .or_insert(0) += 1;
+    }
+    let (hparams, hparams_error, kv) = match ModelHparams::from_gguf(g) {
+        Ok(h) => {
+            // llama.cpp's block types need head_dim to be a whole number of 32-element blocks.
+            let kv = INSPECT_CACHES
+                .iter()
+                .filter(|&&c| !(c.starts_with('q') && h.head_dim_k % 32 != 0))
+                .map(|&c| Ok((c.to_string(), kv_bytes_per_token(c, &h, 8192)?)))
+                .collect::<Result<BTreeMap<_, _>>>()?;
+            let hp = Hparams {
+                n_layer: h.n_layer,
+                n_head: h.n_head,
+                n_head_kv: h.n_head_kv,
+                head_dim: h.head_dim_k,
+                n_embd: h.n_embd,
+                n_ff: h.n_ff,
+                n_ctx_train: h.n_ctx_train,
+                rope_type: format!("{:?}", h.rope_type).to_lowercase(),
+                rope_freq_base: h.rope_freq_base,
+                rope_freq_scale: h.rope_freq_scale,
+                vocab_size: h.vocab_size,
+                tokenizer: h.tokenizer_model.clone(),
+            };
+            (Some(hp), None, kv)
+        }
+        Err(e) => (None, Some(e.to_string()), BTreeMap::new()),
+    };
+    let report = Report {
+        path: a.model.display().to_string(),
+        file_size: file.file_size(),
+        gguf_version: g.version(),
+        architecture: g.architecture().unwrap_or("?").to_string(),
+        name: g
+            .get_str_opt("general.name")
+            .ok()
+            .flatten()
+            .map(str::to_string),
+        hparams,
+        hparams_error,
+        tensor_count: g.tensors().len(),
+        tensor_types,
+        kv_bytes_per_token: kv,
+        peak_rss_bytes: peak_rss_bytes(),
+    };
+    if a.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report).expect("report serializes")
+        );
+    } else {
+        print_text(&report);
+    }
+    Ok(())
+}
+
+fn print_text(r: &Report) {
+    println!("{}", r.path);
+    println!(
+        "  file size      {} bytes (GGUF v{})",
+        r.file_size, r.gguf_version
+    );
+    println!(
+        "  architecture   {}{}",
+        r.architecture,
+        r.name
+            .as_deref()
+            .map(|n| format!(" ({n})"))
+            .unwrap_or_default()
+    );
+    match (&r.hparams, &r.hparams_error) {
+        (Some(h), _) => {
+            println!("  layers         {}", h.n_layer);
+            println!(
+                "  heads          {} (kv heads {}), head_dim {}",
+                h.n_head, h.n_head_kv, h.head_dim
+            );
+            println!("  embedding      {} (ffn {})", h.n_embd, h.n_ff);
+            println!("  trained ctx    {}", h.n_ctx_train);
+            println!(
+                "  rope           {} base {} scale {}",
+                h.rope_type, h.rope_freq_base, h.rope_freq_scale
+            );
+            println!(
+                "  vocab          {} ({} tokenizer)",
+                h.vocab_size, h.tokenizer
+            );
+        }
+        (None, Some(e)) => println!("  hparams        unavailable: {e}"),
+        (None, None) => {}
+    }
+    let types: Vec<String> = r
+        .tensor_types
+        .iter()
+        .map(|(k, v)| format!("{k} x{v}"))
+        .collect();
+    println!("  tensors        {} ({})", r.tensor_count, types.join(", "));
+    if !r.kv_bytes_per_token.is_empty() {
+        println!("  KV bytes/token (all layers, K+V; ott2 at 8192 tokens):");
+        let f16 = r.kv_bytes_per_token.get("f16").copied().unwrap_or(f64::NAN);
+        for k in INSPECT_CACHES {
+            match r.kv_bytes_per_token.get(*k) {
+                Some(v) => println!("    {k:<6} {v:>10.1}  ({:.2}x smaller than f16)", f16 / v),
+                None => println!(
+                    "    {k:<6} {:>10}  (head_dim is not a multiple of its 32-element block)",
+                    "n/a"
+                ),
+            }
+        }
+    }
+    if let Some(rss) = r.peak_rss_bytes {
+        // Only the header pages of the mapping are touched, so this stays far below a large
+        // model's size (the process itself accounts for a few MiB).
+        let mib = |b: u64| b as f64 / (1 << 20) as f64;
+        println!(
+            "  peak RSS       {:.1} MiB for a {:.1} MiB file",
+            mib(rss),
+            mib(r.file_size)
+        );
+    }
+}

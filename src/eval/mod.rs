@@ -1,0 +1,3 @@
+//! Measurement: memory (and, with the engine, perplexity, KL divergence and speed).
+
+pub mod memory;

@@ -1,0 +1,39 @@
+//! Routes ggml's and llama.cpp's log lines to the `log` facade, so they follow `RUST_LOG`
+//! instead of writing to stderr unasked.
+
+use super::sys;
+use std::ffi::{c_char, c_void, CStr};
+use std::sync::Once;
+
+static INSTALL: Once = Once::new();
+
+/// Installs the callback once per process; later calls are free.
+pub fn install() {
+    INSTALL.call_once(|| {
+        // SAFETY: the callback is a plain function valid for the whole process and ignores
+        // its user data, which we pass as null.
+        unsafe {
+            sys::ggml_log_set(Some(forward), std::ptr::null_mut());
+            sys::llama_log_set(Some(forward), std::ptr::null_mut());
+        }
+    });
+}
+
+unsafe extern "C" fn forward(level: sys::ggml_log_level, text: *const c_char, _: *mut c_void) {
+    if text.is_null() {
+        return;
+    }
+    // SAFETY: ggml passes a NUL-terminated string that lives for the duration of the call.
+    let msg = unsafe { CStr::from_ptr(text) }.to_string_lossy();
+    let msg = msg.trim_end();
+    if msg.is_empty() {
+        return;
+    }
+    let lvl = match level {
+        sys::GGML_LOG_LEVEL_ERROR => log::Level::Error,
+        sys::GGML_LOG_LEVEL_WARN => log::Level::Warn,
+        sys::GGML_LOG_LEVEL_INFO => log::Level::Debug,
+        _ => log::Level::Trace,
+    };
+    log::log!(target: "ggml", lvl, "{msg}");
+}

@@ -1,0 +1,27 @@
+//! ggml through FFI in three layers: `sys` (raw bindings, nothing else), the checked calls and
+//! owner types here, and the engine above them.
+
+pub mod context;
+pub mod gguf_reader;
+pub mod log;
+pub mod sys;
+
+pub use context::{Context, Tensor};
+
+use std::ffi::CStr;
+
+/// The ggml version string compiled in (e.g. "0.26.0").
+pub fn version() -> String {
+    // SAFETY: returns a pointer to a static NUL-terminated string.
+    unsafe { CStr::from_ptr(sys::ggml_version()) }
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// The ggml commit compiled in.
+pub fn commit() -> String {
+    // SAFETY: as above.
+    unsafe { CStr::from_ptr(sys::ggml_commit()) }
+        .to_string_lossy()
+        .into_owned()
+}

@@ -1,0 +1,200 @@
+//! A llama.cpp inference context: the baseline engine with llama.cpp's own KV-cache types.
+
+use super::model::{LlamaModel, Token};
+use crate::error::{Error, Result};
+use crate::ggml::sys;
+use std::ptr::NonNull;
+
+/// llama.cpp's KV-cache element types that the baseline runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CacheType {
+    F16,
+    Q8_0,
+    Q4_0,
+    Q2_0,
+}
+
+impl CacheType {
+    pub fn ggml_type(self) -> sys::ggml_type {
+        match self {
+            CacheType::F16 => sys::GGML_TYPE_F16,
+            CacheType::Q8_0 => sys::GGML_TYPE_Q8_0,
+            CacheType::Q4_0 => sys::GGML_TYPE_Q4_0,
+            CacheType::Q2_0 => sys::GGML_TYPE_Q2_0,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            CacheType::F16 => "f16",
+            CacheType::Q8_0 => "q8_0",
+            CacheType::Q4_0 => "q4_0",
+            CacheType::Q2_0 => "q2_0",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        [Self::F16, Self::Q8_0, Self::Q4_0, Self::Q2_0]
+            .into_iter()
+            .find(|t| t.name() == s)
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct LlamaContextParams {
+    pub n_ctx: u32,
+    pub n_batch: u32,
+    pub threads: usize,
+    pub cache_k: CacheType,
+    pub cache_v: CacheType,
+}
+
+impl Default for LlamaContextParams {
+    fn default() -> Self {
+        Self {
+            n_ctx: 512,
+            n_batch: 512,
+            threads: 2,
+            cache_k: CacheType::F16,
+            cache_v: CacheType::F16,
+        }
+    }
+}
+
+/// Owner of a `llama_context`, borrowing its model.
+pub struct LlamaContext<'m> {
+    ptr: NonNull<sys::llama_context>,
+    model: &'m LlamaModel,
+    n_ctx: u32,
+    n_batch: u32,
+    n_past: u32,
+}
+
+impl<'m> LlamaContext<'m> {
+    /// A context with flash attention on (llama.cpp requires it for a quantized V cache).
+    pub fn new(model: &'m LlamaModel, p: &LlamaContextParams) -> Result<Self> {
+        if p.n_ctx == 0 || p.n_batch == 0 {
+            return Err(Error::Llama("n_ctx and n_batch must be positive".into()));
+        }
+        // SAFETY: returns a plain struct of defaults.
+        let mut cp = unsafe { sys::llama_context_default_params() };
+        cp.n_ctx = p.n_ctx;
+        cp.n_batch = p.n_batch.min(p.n_ctx);
+        cp.n_ubatch = cp.n_batch;
+        cp.n_seq_max = 1;
+        let threads = p.threads.clamp(1, 512) as i32;
+        cp.n_threads = threads;
+        cp.n_threads_batch = threads;
+        cp.flash_attn_type = sys::LLAMA_FLASH_ATTN_TYPE_ENABLED;
+        cp.type_k = p.cache_k.ggml_type();
+        cp.type_v = p.cache_v.ggml_type();
+        cp.no_perf = true;
+        // SAFETY: model is live and outlives the context ('m); null means llama.cpp refused.
+        let raw = unsafe { sys::llama_init_from_model(model.as_ptr(), cp) };
+        let ptr = NonNull::new(raw).ok_or_else(|| {
+            Error::Llama(format!(
+                "llama.cpp refused a context (n_ctx {}, K {}, V {})",
+                p.n_ctx,
+                p.cache_k.name(),
+                p.cache_v.name()
+            ))
+        })?;
+        Ok(Self {
+            ptr,
+            model,
+            n_ctx: cp.n_ctx,
+            n_batch: cp.n_batch,
+            n_past: 0,
+        })
+    }
+
+    pub fn model(&self) -> &LlamaModel {
+        self.model
+    }
+
+    /// Forgets all cached tokens (the next decode starts at position 0).
+    pub fn clear(&mut self) {
+        // SAFETY: context live; the memory handle belongs to it.
+        unsafe { sys::llama_memory_clear(sys::llama_get_memory(self.ptr.as_ptr()), true) };
+        self.n_past = 0;
+    }
+
+    /// Decodes `tokens` after what is cached and returns the logits of every one of them,
+    /// `[tokens.len()][n_vocab]`, row-major.
+    pub fn decode_all_logits(&mut self, tokens: &[Token]) -> Result<Vec<f32>> {
+        let n_vocab = self.model.n_vocab();
+        let end = self.n_past as usize + tokens.len();
+        if end > self.n_ctx as usize {
+            return Err(Error::ContextOverflow {
+                needed: end,
+                n_ctx: self.n_ctx as usize,
+            });
+        }
+        let mut out = Vec::with_capacity(tokens.len() * n_vocab);
+        for chunk in tokens.chunks(self.n_batch as usize) {
+            let batch = Batch::new(chunk, self.n_past)?;
+            // SAFETY: context and batch live; batch holds chunk.len() tokens with logits on.
+            let rc = unsafe { sys::llama_decode(self.ptr.as_ptr(), batch.raw) };
+            if rc != 0 {
+                return Err(Error::Llama(format!(
+                    "llama_decode failed with status {rc}"
+                )));
+            }
+            for i in 0..chunk.len() {
+                // SAFETY: output i exists (logits requested for every token of the batch).
+                let p = unsafe { sys::llama_get_logits_ith(self.ptr.as_ptr(), i as i32) };
+                if p.is_null() {
+                    return Err(Error::Llama(format!("no logits for batch row {i}")));
+                }
+                // SAFETY: llama.cpp's logits row holds n_vocab floats.
+                out.extend_from_slice(unsafe { std::slice::from_raw_parts(p, n_vocab) });
+            }
+            self.n_past += chunk.len() as u32;
+        }
+        Ok(out)
+    }
+}
+
+impl Drop for LlamaContext<'_> {
+    fn drop(&mut self) {
+        // SAFETY: we own the context.
+        unsafe { sys::llama_free(self.ptr.as_ptr()) }
+    }
+}
+
+/// A `llama_batch` for one sequence, every token asking for its logits.
+struct Batch {
+    raw: sys::llama_batch,
+}
+
+impl Batch {
+    fn new(tokens: &[Token], pos0: u32) -> Result<Self> {
+        let n = tokens.len() as i32;
+        // SAFETY: allocates arrays for n tokens with one seq id each.
+        let raw = unsafe { sys::llama_batch_init(n, 0, 1) };
+        if raw.token.is_null() {
+            return Err(Error::Llama("llama_batch_init failed".into()));
+        }
+        let b = Self { raw };
+        for (i, &t) in tokens.iter().enumerate() {
+            // SAFETY: every array was allocated for n entries, i < n; seq_id[i] has 1 slot.
+            unsafe {
+                *b.raw.token.add(i) = t;
+                *b.raw.pos.add(i) = (pos0 as usize + i) as i32;
+                *b.raw.n_seq_id.add(i) = 1;
+                **b.raw.seq_id.add(i) = 0;
+                *b.raw.logits.add(i) = 1;
+            }
+        }
+        let mut b = b;
+        b.raw.n_tokens = n;
+        Ok(b)
+    }
+}
+
+impl Drop for Batch {
+    fn drop(&mut self) {
+        // SAFETY: allocated by llama_batch_init, freed once.
+        unsafe { sys::llama_batch_free(self.raw) }
+    }
+}

@@ -1,0 +1,137 @@
+//! A llama.cpp model handle: full load (for the baseline) or vocab-only (for tokenizing).
+
+use crate::error::{Error, Result};
+use crate::ggml::sys;
+use std::ffi::CString;
+use std::path::{Path, PathBuf};
+use std::ptr::NonNull;
+
+pub type Token = sys::llama_token;
+
+/// Owner of a `llama_model`.
+pub struct LlamaModel {
+    ptr: NonNull<sys::llama_model>,
+    path: PathBuf,
+}
+
+// SAFETY: a loaded llama_model is immutable and llama.cpp shares it between contexts on
+// several threads; we never mutate it through `&self`.
+unsafe impl Send for LlamaModel {}
+unsafe impl Sync for LlamaModel {}
+
+impl LlamaModel {
+    /// Loads `path` with llama.cpp (CPU only). `vocab_only` skips the weights: enough to tokenize.
+    pub fn load(path: &Path, vocab_only: bool) -> Result<Self> {
+        super::backend_init();
+        if !path.is_file() {
+            return Err(Error::Llama(format!(
+                "{}: no such model file",
+                path.display()
+            )));
+        }
+        let cpath = CString::new(path.as_os_str().as_encoded_bytes())
+            .map_err(|_| Error::Llama(format!("{}: path contains a NUL byte", path.display())))?;
+        // SAFETY: returns a plain struct of defaults.
+        let mut params = unsafe { sys::llama_model_default_params() };
+        params.vocab_only = vocab_only;
+        params.n_gpu_layers = 0;
+        // SAFETY: cpath is NUL-terminated and outlives the call; null means llama.cpp refused
+        // the file (it logs why, which our log bridge forwards).
+        let raw = unsafe { sys::llama_model_load_from_file(cpath.as_ptr(), params) };
+        let ptr = NonNull::new(raw).ok_or_else(|| {
+            Error::Llama(format!(
+                "llama.cpp could not load {} (RUST_LOG=ggml=debug shows its reason)",
+                path.display()
+            ))
+        })?;
+        Ok(Self {
+            ptr,
+            path: path.to_path_buf(),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub(crate) fn as_ptr(&self) -> *mut sys::llama_model {
+        self.ptr.as_ptr()
+    }
+
+    fn vocab(&self) -> *const sys::llama_vocab {
+        // SAFETY: the model is live; the vocab lives as long as the model.
+        unsafe { sys::llama_model_get_vocab(self.as_ptr()) }
+    }
+
+    pub fn n_vocab(&self) -> usize {
+        // SAFETY: vocab pointer from a live model.
+        unsafe { sys::llama_vocab_n_tokens(self.vocab()) }.max(0) as usize
+    }
+
+    /// Whether the model's tokenizer prepends BOS (what llama-perplexity does with add_special).
+    pub fn add_bos(&self) -> bool {
+        // SAFETY: vocab pointer from a live model.
+        unsafe { sys::llama_vocab_get_add_bos(self.vocab()) }
+    }
+
+    /// llama.cpp's tokenization of `text`; `add_special` adds BOS/EOS per the model's settings.
+    pub fn tokenize(&self, text: &str, add_special: bool) -> Result<Vec<Token>> {
+        let len = i32::try_from(text.len()).map_err(|_| {
+            Error::Llama(format!(
+                "text of {} bytes is too long to tokenize",
+                text.len()
+            ))
+        })?;
+        // A token covers at least one byte, plus BOS/EOS.
+        let mut out: Vec<Token> = vec![0; text.len() + 2];
+        // SAFETY: text pointer/len describe valid bytes; out has room for n_tokens_max tokens.
+        let n = unsafe {
+            sys::llama_tokenize(
+                self.vocab(),
+                text.as_ptr() as *const _,
+                len,
+                out.as_mut_ptr(),
+                out.len() as i32,
+                add_special,
+                false,
+            )
+        };
+        if n < 0 {
+            return Err(Error::Llama(format!("tokenize needed {} slots", -n)));
+        }
+        out.truncate(n as usize);
+        Ok(out)
+    }
+
+    /// The text of one token (bytes as the tokenizer stores them, lossily decoded).
+    pub fn token_to_piece(&self, token: Token) -> Result<String> {
+        let mut buf = vec![0u8; 64];
+        for _ in 0..2 {
+            // SAFETY: buf has buf.len() writable bytes.
+            let n = unsafe {
+                sys::llama_token_to_piece(
+                    self.vocab(),
+                    token,
+                    buf.as_mut_ptr() as *mut _,
+                    buf.len() as i32,
+                    0,
+                    false,
+                )
+            };
+            if n >= 0 {
+                return Ok(String::from_utf8_lossy(&buf[..n as usize]).into_owned());
+            }
+            buf.resize((-n) as usize, 0);
+        }
+        Err(Error::Llama(format!(
+            "token_to_piece failed for token {token}"
+        )))
+    }
+}
+
+impl Drop for LlamaModel {
+    fn drop(&mut self) {
+        // SAFETY: we own the model; contexts borrow it and are dropped first.
+        unsafe { sys::llama_model_free(self.ptr.as_ptr()) }
+    }
+}
