@@ -73,6 +73,21 @@ pub struct LlamaContext<'m> {
 impl<'m> LlamaContext<'m> {
     /// A context with flash attention on (llama.cpp requires it for a quantized V cache).
     pub fn new(model: &'m LlamaModel, p: &LlamaContextParams) -> Result<Self> {
+        // SAFETY: no callback.
+        unsafe { Self::with_eval_callback(model, p, None, std::ptr::null_mut()) }
+    }
+
+    /// As `new`, with llama.cpp's graph evaluation callback installed.
+    ///
+    /// # Safety
+    /// `user_data` must stay valid, and `cb` must be safe to call with it from llama.cpp's
+    /// threads, for as long as the context lives; `cb` must not unwind.
+    pub(crate) unsafe fn with_eval_callback(
+        model: &'m LlamaModel,
+        p: &LlamaContextParams,
+        cb: sys::ggml_backend_sched_eval_callback,
+        user_data: *mut std::ffi::c_void,
+    ) -> Result<Self> {
         if p.n_ctx == 0 || p.n_batch == 0 {
             return Err(Error::Llama("n_ctx and n_batch must be positive".into()));
         }
@@ -89,6 +104,8 @@ impl<'m> LlamaContext<'m> {
         cp.type_k = p.cache_k.ggml_type();
         cp.type_v = p.cache_v.ggml_type();
         cp.no_perf = true;
+        cp.cb_eval = cb;
+        cp.cb_eval_user_data = user_data;
         // SAFETY: model is live and outlives the context ('m); null means llama.cpp refused.
         let raw = unsafe { sys::llama_init_from_model(model.as_ptr(), cp) };
         let ptr = NonNull::new(raw).ok_or_else(|| {
@@ -122,6 +139,12 @@ impl<'m> LlamaContext<'m> {
     /// Decodes `tokens` after what is cached and returns the logits of every one of them,
     /// `[tokens.len()][n_vocab]`, row-major.
     pub fn decode_all_logits(&mut self, tokens: &[Token]) -> Result<Vec<f32>> {
+        self.decode(tokens, true)
+    }
+
+    /// Decodes `tokens` after what is cached; returns the logits of every token (`all`) or of
+    /// the last one only, row-major `[rows][n_vocab]`.
+    pub fn decode(&mut self, tokens: &[Token], all: bool) -> Result<Vec<f32>> {
         let n_vocab = self.model.n_vocab();
         let end = self.n_past as usize + tokens.len();
         if end > self.n_ctx as usize {
@@ -130,9 +153,11 @@ impl<'m> LlamaContext<'m> {
                 n_ctx: self.n_ctx as usize,
             });
         }
-        let mut out = Vec::with_capacity(tokens.len() * n_vocab);
-        for chunk in tokens.chunks(self.n_batch as usize) {
-            let batch = Batch::new(chunk, self.n_past)?;
+        let mut out = Vec::with_capacity(if all { tokens.len() } else { 1 } * n_vocab);
+        let n_chunks = tokens.len().div_ceil(self.n_batch as usize);
+        for (ci, chunk) in tokens.chunks(self.n_batch as usize).enumerate() {
+            let last_chunk = ci + 1 == n_chunks;
+            let batch = Batch::new(chunk, self.n_past, all, last_chunk)?;
             // SAFETY: context and batch live; batch holds chunk.len() tokens with logits on.
             let rc = unsafe { sys::llama_decode(self.ptr.as_ptr(), batch.raw) };
             if rc != 0 {
@@ -140,8 +165,15 @@ impl<'m> LlamaContext<'m> {
                     "llama_decode failed with status {rc}"
                 )));
             }
-            for i in 0..chunk.len() {
-                // SAFETY: output i exists (logits requested for every token of the batch).
+            let rows = if all {
+                0..chunk.len()
+            } else if last_chunk {
+                chunk.len() - 1..chunk.len()
+            } else {
+                0..0
+            };
+            for i in rows {
+                // SAFETY: logits were requested for row i of this batch.
                 let p = unsafe { sys::llama_get_logits_ith(self.ptr.as_ptr(), i as i32) };
                 if p.is_null() {
                     return Err(Error::Llama(format!("no logits for batch row {i}")));
@@ -162,13 +194,14 @@ impl Drop for LlamaContext<'_> {
     }
 }
 
-/// A `llama_batch` for one sequence, every token asking for its logits.
+/// A `llama_batch` for one sequence: logits for every token (`all`), or for the last token of
+/// the last batch only.
 struct Batch {
     raw: sys::llama_batch,
 }
 
 impl Batch {
-    fn new(tokens: &[Token], pos0: u32) -> Result<Self> {
+    fn new(tokens: &[Token], pos0: u32, all: bool, last_chunk: bool) -> Result<Self> {
         let n = tokens.len() as i32;
         // SAFETY: allocates arrays for n tokens with one seq id each.
         let raw = unsafe { sys::llama_batch_init(n, 0, 1) };
@@ -183,7 +216,7 @@ impl Batch {
                 *b.raw.pos.add(i) = (pos0 as usize + i) as i32;
                 *b.raw.n_seq_id.add(i) = 1;
                 **b.raw.seq_id.add(i) = 0;
-                *b.raw.logits.add(i) = 1;
+                *b.raw.logits.add(i) = (all || (last_chunk && i + 1 == tokens.len())) as i8;
             }
         }
         let mut b = b;

@@ -2,9 +2,11 @@
 //! llama.cpp itself as the baseline engine. Owner types over the raw handles; every null or
 //! status becomes an `Error::Llama` once, here.
 
+mod capture;
 mod context;
 mod model;
 
+pub use capture::{capture_qkv, Captured};
 pub use context::{CacheType, LlamaContext, LlamaContextParams};
 pub use model::{LlamaModel, Token};
 

@@ -327,6 +327,9 @@ fn add_random(
     (std, mean): (f32, f32),
     edit: impl FnOnce(&mut [f32]),
 ) -> Result<()> {
+    // Norms and biases stay f32 whatever the weight type, as in converted models (ggml's
+    // binary ops take no f16 second operand).
+    let ty = if dims.len() == 1 { GgmlType::F32 } else { ty };
     let n: u64 = dims.iter().product();
     let mut vals: Vec<f32> = (0..n).map(|_| mean + std * rng.normal()).collect();
     edit(&mut vals);
