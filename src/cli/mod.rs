@@ -1,6 +1,7 @@
 //! The command line: one module per subcommand. Errors become one line on stderr and exit
 //! status 1 (usage errors: 2, from clap); nothing panics on user input.
 
+mod dump_kv;
 mod inspect;
 
 use clap::{Parser, Subcommand};
@@ -20,6 +21,8 @@ struct Cli {
 enum Command {
     /// Describe a GGUF model: architecture, shapes, tensor types, KV-cache bytes per token.
     Inspect(inspect::Args),
+    /// Capture post-RoPE Q/K/V of every layer from llama.cpp running a model on a text.
+    DumpKv(dump_kv::Args),
 }
 
 /// Runs the command line and returns the process exit status.
@@ -33,6 +36,7 @@ pub fn main() -> i32 {
     };
     let result = std::panic::catch_unwind(|| match cli.cmd {
         Command::Inspect(a) => inspect::run(&a),
+        Command::DumpKv(a) => dump_kv::run(&a),
     });
     match result {
         Ok(Ok(())) => 0,
@@ -45,4 +49,26 @@ pub fn main() -> i32 {
             1
         }
     }
+}
+
+/// Threads to use by default: every core the process may run on.
+pub(crate) fn default_threads() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+}
+
+/// A text file as UTF-8 (invalid bytes replaced, as llama.cpp's tools read them).
+pub(crate) fn read_text(path: &std::path::Path) -> crate::Result<String> {
+    let bytes = std::fs::read(path).map_err(|e| crate::Error::io(path, e))?;
+    Ok(String::from_utf8_lossy(&bytes).into_owned())
+}
+
+/// Lower-case hex sha256 of `bytes`.
+pub(crate) fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }

@@ -1,0 +1,313 @@
+//! Cache configuration: presets, spec strings and validation.
+//!
+//! Spec grammar: `<base>` or `<base>:<field>=<value>,...` where `<base>` is a preset name or
+//! `ott` (= `ott2`), fields override the base: `k` key bits, `v` value bits, `g` group, `r`
+//! residual window, `p` pool, `e` extra pool, `t` untraced leading layers, `s` score (`l1`|`l2`),
+//! `gv` value group (`auto` = min(G, head_dim)), `p@L` / `e@L` pool / extra of layer L.
+//! `Display` writes the fully explicit `ott:` form, which parses back to an equal config.
+
+use std::fmt;
+use std::str::FromStr;
+
+use super::CacheError;
+use crate::format::{
+    codes_per_word, DEFAULT_EXTRA, DEFAULT_GROUP, DEFAULT_POOL, DEFAULT_RESIDUAL,
+    DEFAULT_UNTRACED_LAYERS, KIVI_GROUP, KIVI_RESIDUAL, MAX_BITS, MIN_BITS,
+};
+
+/// Upper bounds that keep a hostile spec from asking for absurd allocations.
+pub const MAX_GROUP: u32 = 1 << 16;
+pub const MAX_RESIDUAL: u32 = 1 << 20;
+pub const MAX_POOL: u32 = 1 << 12;
+pub const MAX_EXTRA: u32 = 1 << 16;
+/// Key groups must be a multiple of this many tokens: a whole number of 2-bit (16 codes) and
+/// 4-bit (8 codes) words per channel, so those fast paths never see a partial word.
+pub const GROUP_MULTIPLE: u32 = 16;
+
+/// How outlier candidates are scored (smallest score wins a pool slot).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Score {
+    /// `Σ|k_c|` over head_dim (OTT.md default).
+    #[default]
+    L1,
+    /// `sqrt(Σ k_c²)`.
+    L2,
+}
+
+/// Pool sizes for one layer, replacing the global ones.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LayerOverride {
+    pub layer: u32,
+    pub pool: Option<u32>,
+    pub extra: Option<u32>,
+}
+
+/// Settings of the OTT cache (OTT.md §1–§4).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CacheConfig {
+    pub key_bits: u32,
+    pub value_bits: u32,
+    /// Tokens per key group (G); also the flush size.
+    pub group: u32,
+    /// Tokens that always stay f16 after a flush (R); the window flushes at R + G.
+    pub residual: u32,
+    /// Outlier pool capacity (P); 0 turns tracing off.
+    pub pool: u32,
+    /// Extra pool capacity (E).
+    pub extra: u32,
+    /// Tracing is off in layers `< untraced_layers`.
+    pub untraced_layers: u32,
+    pub score: Score,
+    /// Channels per value group (Gv); `None` = `min(G, head_dim)`.
+    pub value_group: Option<u32>,
+    /// Per-layer pool sizes, sorted by layer, one entry per layer.
+    pub overrides: Vec<LayerOverride>,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        Self::ott(2, 2)
+    }
+}
+
+/// Names accepted by [`CacheConfig::preset`].
+pub const PRESETS: &[&str] = &[
+    "ott2", "ott4", "ottk4v2", "ottk2v4", "ott2-p0", "kivi2", "kivi4",
+];
+
+impl CacheConfig {
+    fn ott(key_bits: u32, value_bits: u32) -> Self {
+        Self {
+            key_bits,
+            value_bits,
+            group: DEFAULT_GROUP,
+            residual: DEFAULT_RESIDUAL,
+            pool: DEFAULT_POOL,
+            extra: DEFAULT_EXTRA,
+            untraced_layers: DEFAULT_UNTRACED_LAYERS,
+            score: Score::L1,
+            value_group: None,
+            overrides: Vec::new(),
+        }
+    }
+
+    fn kivi(bits: u32) -> Self {
+        Self {
+            group: KIVI_GROUP,
+            residual: KIVI_RESIDUAL,
+            pool: 0,
+            ..Self::ott(bits, bits)
+        }
+    }
+
+    /// A named preset (see [`PRESETS`]).
+    pub fn preset(name: &str) -> Result<Self, CacheError> {
+        Ok(match name {
+            "ott" | "ott2" => Self::ott(2, 2),
+            "ott4" => Self::ott(4, 4),
+            "ottk4v2" => Self::ott(4, 2),
+            "ottk2v4" => Self::ott(2, 4),
+            "ott2-p0" => Self {
+                pool: 0,
+                ..Self::ott(2, 2)
+            },
+            "kivi2" => Self::kivi(2),
+            "kivi4" => Self::kivi(4),
+            _ => {
+                return Err(CacheError::Parse {
+                    spec: name.to_string(),
+                    field: "preset".into(),
+                    reason: format!("unknown preset; known: ott, {}", PRESETS.join(", ")),
+                })
+            }
+        })
+    }
+
+    /// Checks everything that does not depend on the model's shape.
+    pub fn validate(&self) -> Result<(), CacheError> {
+        let bad = |field, reason: String| Err(CacheError::Config { field, reason });
+        for (field, b) in [("key_bits", self.key_bits), ("value_bits", self.value_bits)] {
+            if !(MIN_BITS..=MAX_BITS).contains(&b) {
+                return bad(field, format!("{b} not in {MIN_BITS}..={MAX_BITS}"));
+            }
+        }
+        if self.group == 0 || self.group % GROUP_MULTIPLE != 0 || self.group > MAX_GROUP {
+            return bad(
+                "group",
+                format!(
+                    "{} must be a positive multiple of {GROUP_MULTIPLE} up to {MAX_GROUP}",
+                    self.group
+                ),
+            );
+        }
+        debug_assert!(self.group % codes_per_word(2) == 0 && self.group % codes_per_word(4) == 0);
+        if self.residual > MAX_RESIDUAL {
+            return bad(
+                "residual",
+                format!("{} above {MAX_RESIDUAL}", self.residual),
+            );
+        }
+        if self.value_group == Some(0) {
+            return bad("value_group", "must be positive".into());
+        }
+        let mut last = None;
+        for o in std::iter::once((self.pool, self.extra)).chain(
+            self.overrides
+                .iter()
+                .map(|o| (o.pool.unwrap_or(self.pool), o.extra.unwrap_or(self.extra))),
+        ) {
+            if o.0 > MAX_POOL {
+                return bad("pool", format!("{} above {MAX_POOL}", o.0));
+            }
+            if o.1 > MAX_EXTRA {
+                return bad("extra", format!("{} above {MAX_EXTRA}", o.1));
+            }
+        }
+        for o in &self.overrides {
+            if last.is_some_and(|l| l >= o.layer) {
+                return bad("overrides", "layers must be strictly increasing".into());
+            }
+            last = Some(o.layer);
+        }
+        Ok(())
+    }
+
+    /// Value group for a head size: the configured one or `min(G, head_dim)`.
+    pub fn value_group_for(&self, head_dim: u32) -> u32 {
+        self.value_group.unwrap_or(self.group.min(head_dim))
+    }
+
+    /// Effective (pool, extra) of a layer: an override's pool, else 0 in untraced layers, else P.
+    pub fn pools_for(&self, layer: u32) -> (u32, u32) {
+        let o = self.overrides.iter().find(|o| o.layer == layer);
+        // An explicit per-layer pool wins over the untraced-layers default.
+        let pool = match o.and_then(|o| o.pool) {
+            Some(p) => p,
+            None if layer < self.untraced_layers => 0,
+            None => self.pool,
+        };
+        let extra = o.and_then(|o| o.extra).unwrap_or(self.extra);
+        // Without a pool nothing is ever evicted, so an extra pool would only be dead memory.
+        if pool == 0 {
+            (0, 0)
+        } else {
+            (pool, extra)
+        }
+    }
+
+    fn set_override(&mut self, layer: u32, pool: Option<u32>, extra: Option<u32>) {
+        match self.overrides.iter_mut().find(|o| o.layer == layer) {
+            Some(o) => {
+                o.pool = pool.or(o.pool);
+                o.extra = extra.or(o.extra);
+            }
+            None => {
+                self.overrides.push(LayerOverride { layer, pool, extra });
+                self.overrides.sort_by_key(|o| o.layer);
+            }
+        }
+    }
+}
+
+impl FromStr for CacheConfig {
+    type Err = CacheError;
+
+    fn from_str(spec: &str) -> Result<Self, CacheError> {
+        let spec_t = spec.trim();
+        let (base, fields) = match spec_t.split_once(':') {
+            Some((b, f)) => (b, Some(f)),
+            None => (spec_t, None),
+        };
+        let mut c = Self::preset(base).map_err(|_| CacheError::Parse {
+            spec: spec.to_string(),
+            field: "preset".into(),
+            reason: format!("unknown base {base:?}; known: ott, {}", PRESETS.join(", ")),
+        })?;
+        let err = |field: &str, reason: String| CacheError::Parse {
+            spec: spec.to_string(),
+            field: field.to_string(),
+            reason,
+        };
+        for item in fields.into_iter().flat_map(|f| f.split(',')).map(str::trim) {
+            if item.is_empty() {
+                continue;
+            }
+            let (key, val) = item
+                .split_once('=')
+                .ok_or_else(|| err(item, "expected field=value".into()))?;
+            let (key, val) = (key.trim(), val.trim());
+            let num = || {
+                val.parse::<u32>()
+                    .map_err(|e| err(key, format!("{val:?} is not a non-negative integer: {e}")))
+            };
+            match key {
+                "k" => c.key_bits = num()?,
+                "v" => c.value_bits = num()?,
+                "g" => c.group = num()?,
+                "r" => c.residual = num()?,
+                "p" => c.pool = num()?,
+                "e" => c.extra = num()?,
+                "t" => c.untraced_layers = num()?,
+                "s" => {
+                    c.score = match val {
+                        "l1" | "L1" => Score::L1,
+                        "l2" | "L2" => Score::L2,
+                        _ => return Err(err(key, format!("{val:?} is not l1 or l2"))),
+                    }
+                }
+                "gv" => c.value_group = if val == "auto" { None } else { Some(num()?) },
+                _ => {
+                    let (what, layer) = key.split_once('@').ok_or_else(|| {
+                        err(key, "unknown field (k v g r p e t s gv p@L e@L)".into())
+                    })?;
+                    let layer = layer
+                        .parse::<u32>()
+                        .map_err(|e| err(key, format!("layer {layer:?}: {e}")))?;
+                    match what {
+                        "p" => c.set_override(layer, Some(num()?), None),
+                        "e" => c.set_override(layer, None, Some(num()?)),
+                        _ => return Err(err(key, "unknown per-layer field (p@L, e@L)".into())),
+                    }
+                }
+            }
+        }
+        // Name the field that fails validation, as a parse error, so users see their input.
+        c.validate().map_err(|e| match e {
+            CacheError::Config { field, reason } => err(field, reason),
+            other => other,
+        })?;
+        Ok(c)
+    }
+}
+
+impl fmt::Display for CacheConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "ott:k={},v={},g={},r={},p={},e={},t={},s={}",
+            self.key_bits,
+            self.value_bits,
+            self.group,
+            self.residual,
+            self.pool,
+            self.extra,
+            self.untraced_layers,
+            match self.score {
+                Score::L1 => "l1",
+                Score::L2 => "l2",
+            }
+        )?;
+        if let Some(gv) = self.value_group {
+            write!(f, ",gv={gv}")?;
+        }
+        for o in &self.overrides {
+            if let Some(p) = o.pool {
+                write!(f, ",p@{}={p}", o.layer)?;
+            }
+            if let Some(e) = o.extra {
+                write!(f, ",e@{}={e}", o.layer)?;
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,388 @@
+//! Storage and outlier tracing of one (layer, kv-head) (OTT.md §2–§4).
+
+use half::f16;
+
+use super::{CacheError, MemoryStats, Score};
+use crate::format::{words_for, Geometry, OutlierSlot, QParams};
+use crate::quant::{
+    dequantize_key_group, dequantize_value_row, quantize_key_group, quantize_value_row,
+};
+
+/// One (layer, kv-head): quantized groups, f16 window, outlier and extra pools, tracing state.
+///
+/// Token positions are implicit: the quantized groups hold positions `0..n_groups·G` (masked
+/// placeholder slots included), the window holds the following `window_len` positions. Pool and
+/// extra-pool tokens always come from a quantized group, so their positions are below that.
+#[derive(Clone, Debug)]
+pub struct HeadCache {
+    pub(crate) geo: Geometry,
+    pub(crate) residual: usize,
+    pub(crate) pool_cap: usize,
+    pub(crate) extra_cap: usize,
+    pub(crate) score: Score,
+    pub(crate) key_codes: Vec<u32>, // [n_groups][head_dim][key words per channel]
+    pub(crate) key_params: Vec<QParams>, // [n_groups][head_dim]
+    pub(crate) val_codes: Vec<u32>, // [n_groups·G][value row words]
+    pub(crate) val_params: Vec<QParams>, // [n_groups·G][head_dim / value_group]
+    pub(crate) masks: Vec<u32>,     // [n_groups][mask words]; bit set = placeholder slot
+    pub(crate) n_groups: usize,
+    pub(crate) win_k: Vec<f16>,         // [window_len][head_dim]
+    pub(crate) win_v: Vec<f16>,         // [window_len][head_dim]
+    pub(crate) pool: Vec<OutlierSlot>,  // [pool_len], sorted by (score, position)
+    pub(crate) pool_k: Vec<f16>,        // [pool_len][head_dim]
+    pub(crate) pool_v: Vec<f16>,        // [pool_len][head_dim]
+    pub(crate) extra: Vec<OutlierSlot>, // [extra_len], in eviction order
+    pub(crate) extra_k: Vec<f16>,       // [extra_len][head_dim]
+    pub(crate) extra_v: Vec<f16>,       // [extra_len][head_dim]
+    pub(crate) stopped_at: Option<u32>,
+}
+
+/// Where a tracing candidate currently lives.
+#[derive(Clone, Copy)]
+enum Src {
+    Pool(usize),
+    Group(usize),
+}
+
+impl HeadCache {
+    pub(crate) fn new(
+        geo: Geometry,
+        residual: usize,
+        pool_cap: usize,
+        extra_cap: usize,
+        score: Score,
+        window_cap: usize,
+    ) -> Self {
+        let hd = geo.head_dim as usize;
+        // Window and pools are bounded, so they are allocated once, exactly; the quantized
+        // segments grow by exactly one group per flush (see `flush`).
+        Self {
+            geo,
+            residual,
+            pool_cap,
+            extra_cap,
+            score,
+            key_codes: Vec::new(),
+            key_params: Vec::new(),
+            val_codes: Vec::new(),
+            val_params: Vec::new(),
+            masks: Vec::new(),
+            n_groups: 0,
+            win_k: Vec::with_capacity(window_cap * hd),
+            win_v: Vec::with_capacity(window_cap * hd),
+            pool: Vec::with_capacity(pool_cap),
+            pool_k: Vec::with_capacity(pool_cap * hd),
+            pool_v: Vec::with_capacity(pool_cap * hd),
+            extra: Vec::with_capacity(extra_cap),
+            extra_k: Vec::with_capacity(extra_cap * hd),
+            extra_v: Vec::with_capacity(extra_cap * hd),
+            stopped_at: None,
+        }
+    }
+
+    pub(crate) fn head_dim(&self) -> usize {
+        self.geo.head_dim as usize
+    }
+    pub(crate) fn group(&self) -> usize {
+        self.geo.key_group as usize
+    }
+    pub(crate) fn key_words(&self) -> usize {
+        words_for(self.geo.key_group, self.geo.key_bits) as usize
+    }
+    pub(crate) fn val_words(&self) -> usize {
+        self.geo.value_row_words() as usize
+    }
+    pub(crate) fn val_nparams(&self) -> usize {
+        self.geo.value_row_params() as usize
+    }
+    pub(crate) fn mask_words(&self) -> usize {
+        self.group().div_ceil(32)
+    }
+
+    /// Number of quantized groups.
+    pub fn n_groups(&self) -> usize {
+        self.n_groups
+    }
+    /// Tokens (slots) in quantized storage, placeholders included.
+    pub fn quantized_len(&self) -> usize {
+        self.n_groups * self.group()
+    }
+    /// Tokens in the f16 window.
+    pub fn window_len(&self) -> usize {
+        self.win_k.len() / self.head_dim()
+    }
+    /// All tokens of this head.
+    pub fn len(&self) -> usize {
+        self.quantized_len() + self.window_len()
+    }
+    /// True when nothing is cached.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// The outlier pool, sorted by (score, position).
+    pub fn pool(&self) -> &[OutlierSlot] {
+        &self.pool
+    }
+    /// The extra pool, in eviction order.
+    pub fn extra(&self) -> &[OutlierSlot] {
+        &self.extra
+    }
+    /// The group at which tracing stopped for good (extra pool would have overflowed).
+    pub fn stopped_at(&self) -> Option<u32> {
+        self.stopped_at
+    }
+    /// Capacities (pool, extra) in effect for this head.
+    pub fn pool_capacity(&self) -> (usize, usize) {
+        (self.pool_cap, self.extra_cap)
+    }
+    /// Whether quantized slot `pos` is a masked placeholder.
+    pub fn is_masked(&self, pos: usize) -> bool {
+        if pos >= self.quantized_len() {
+            return false;
+        }
+        let (g, t) = (pos / self.group(), pos % self.group());
+        self.masks[g * self.mask_words() + t / 32] >> (t % 32) & 1 == 1
+    }
+    /// Positions of all masked placeholder slots, ascending.
+    pub fn masked_positions(&self) -> Vec<usize> {
+        (0..self.quantized_len())
+            .filter(|&p| self.is_masked(p))
+            .collect()
+    }
+    /// Key of the f16 token at `pos` when it is in the window or a pool (its exact f16 value).
+    pub fn full_precision_key(&self, pos: usize) -> Option<Vec<f32>> {
+        self.full_precision(pos, true)
+    }
+    /// Value of the f16 token at `pos` when it is in the window or a pool.
+    pub fn full_precision_value(&self, pos: usize) -> Option<Vec<f32>> {
+        self.full_precision(pos, false)
+    }
+
+    fn full_precision(&self, pos: usize, key: bool) -> Option<Vec<f32>> {
+        let hd = self.head_dim();
+        let row = |buf: &[f16], i: usize| {
+            buf[i * hd..(i + 1) * hd]
+                .iter()
+                .map(|x| x.to_f32())
+                .collect()
+        };
+        if pos >= self.quantized_len() && pos < self.len() {
+            let i = pos - self.quantized_len();
+            return Some(row(if key { &self.win_k } else { &self.win_v }, i));
+        }
+        if let Some(i) = self.pool.iter().position(|s| s.pos as usize == pos) {
+            return Some(row(if key { &self.pool_k } else { &self.pool_v }, i));
+        }
+        let i = self.extra.iter().position(|s| s.pos as usize == pos)?;
+        Some(row(if key { &self.extra_k } else { &self.extra_v }, i))
+    }
+
+    /// Dequantized keys of all quantized slots (scalar reference): `[quantized_len][head_dim]`.
+    pub fn dequantized_keys(&self) -> Vec<f32> {
+        let (hd, g, kw) = (self.head_dim(), self.group(), self.key_words());
+        let mut out = vec![0f32; self.quantized_len() * hd];
+        for gi in 0..self.n_groups {
+            dequantize_key_group(
+                &self.key_codes[gi * hd * kw..(gi + 1) * hd * kw],
+                &self.key_params[gi * hd..(gi + 1) * hd],
+                g,
+                hd,
+                self.geo.key_bits,
+                &mut out[gi * g * hd..(gi + 1) * g * hd],
+            )
+            .expect("internal layout is consistent");
+        }
+        out
+    }
+
+    /// Dequantized values of all quantized slots: `[quantized_len][head_dim]`.
+    pub fn dequantized_values(&self) -> Vec<f32> {
+        let (hd, vw, np) = (self.head_dim(), self.val_words(), self.val_nparams());
+        let mut out = vec![0f32; self.quantized_len() * hd];
+        for (t, o) in out.chunks_mut(hd).enumerate() {
+            dequantize_value_row(
+                &self.val_codes[t * vw..(t + 1) * vw],
+                &self.val_params[t * np..(t + 1) * np],
+                self.geo.value_group as usize,
+                self.geo.value_bits,
+                o,
+            )
+            .expect("internal layout is consistent");
+        }
+        out
+    }
+
+    /// Bytes actually allocated, by segment.
+    pub fn memory(&self) -> MemoryStats {
+        let u32s = std::mem::size_of::<u32>();
+        let qp = std::mem::size_of::<QParams>();
+        let h = std::mem::size_of::<f16>();
+        let slot = std::mem::size_of::<OutlierSlot>();
+        MemoryStats::new(
+            (self.key_codes.capacity() + self.val_codes.capacity()) * u32s,
+            (self.key_params.capacity() + self.val_params.capacity()) * qp,
+            (self.win_k.capacity() + self.win_v.capacity()) * h,
+            (self.pool_k.capacity()
+                + self.pool_v.capacity()
+                + self.extra_k.capacity()
+                + self.extra_v.capacity())
+                * h,
+            self.masks.capacity() * u32s + (self.pool.capacity() + self.extra.capacity()) * slot,
+        )
+    }
+
+    fn score_of(&self, k: impl Iterator<Item = f32>) -> f32 {
+        match self.score {
+            Score::L1 => k.map(f32::abs).sum(),
+            Score::L2 => k.map(|x| x * x).sum::<f32>().sqrt(),
+        }
+    }
+
+    /// Appends one token whose K and V are finite in f16 (checked by the caller) and flushes
+    /// the oldest G tokens when the window reaches R + G.
+    pub(crate) fn push(&mut self, k: &[f32], v: &[f32]) -> Result<(), CacheError> {
+        debug_assert_eq!(k.len(), self.head_dim());
+        debug_assert!(self.win_k.len() + k.len() <= self.win_k.capacity());
+        self.win_k.extend(k.iter().map(|&x| f16::from_f32(x)));
+        self.win_v.extend(v.iter().map(|&x| f16::from_f32(x)));
+        if self.window_len() == self.residual + self.group() {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Traces outliers in the oldest G window tokens, then quantizes them as one group.
+    fn flush(&mut self) -> Result<(), CacheError> {
+        let (hd, g) = (self.head_dim(), self.group());
+        let gi = self.n_groups;
+        let base = gi * g;
+        let mut kg: Vec<f32> = self.win_k[..g * hd].iter().map(|x| x.to_f32()).collect(); // [G][head_dim]
+        let mut vg: Vec<f32> = self.win_v[..g * hd].iter().map(|x| x.to_f32()).collect(); // [G][head_dim]
+        let mut mask = vec![0u32; self.mask_words()]; // [mask words]
+        if self.pool_cap > 0 && self.stopped_at.is_none() {
+            // Candidates: the pool and the group, smallest score first, ties by position.
+            let mut cand: Vec<(f32, i32, Src)> = Vec::with_capacity(self.pool.len() + g);
+            for (i, s) in self.pool.iter().enumerate() {
+                let sc =
+                    self.score_of(self.pool_k[i * hd..(i + 1) * hd].iter().map(|x| x.to_f32()));
+                cand.push((sc, s.pos, Src::Pool(i)));
+            }
+            for t in 0..g {
+                let sc = self.score_of(kg[t * hd..(t + 1) * hd].iter().copied());
+                cand.push((sc, (base + t) as i32, Src::Group(t)));
+            }
+            cand.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+            let chosen = &cand[..self.pool_cap.min(cand.len())];
+            let evicted: Vec<usize> = (0..self.pool.len())
+                .filter(|&i| !chosen.iter().any(|c| matches!(c.2, Src::Pool(j) if j == i)))
+                .collect();
+            if self.extra.len() + evicted.len() > self.extra_cap {
+                // Stop rule: this group and later ones go in plainly; pools stay as they are.
+                self.stopped_at = Some(gi as u32);
+            } else {
+                for &i in &evicted {
+                    self.extra.push(self.pool[i]);
+                    self.extra_k
+                        .extend_from_slice(&self.pool_k[i * hd..(i + 1) * hd]);
+                    self.extra_v
+                        .extend_from_slice(&self.pool_v[i * hd..(i + 1) * hd]);
+                }
+                let mut new_slots = Vec::with_capacity(self.pool_cap);
+                let mut new_k = Vec::with_capacity(self.pool_cap * hd); // [pool][head_dim]
+                let mut new_v = Vec::with_capacity(self.pool_cap * hd); // [pool][head_dim]
+                let mut selected = vec![false; g];
+                for c in chosen {
+                    match c.2 {
+                        Src::Pool(i) => {
+                            new_slots.push(self.pool[i]);
+                            new_k.extend_from_slice(&self.pool_k[i * hd..(i + 1) * hd]);
+                            new_v.extend_from_slice(&self.pool_v[i * hd..(i + 1) * hd]);
+                        }
+                        Src::Group(t) => {
+                            new_slots.push(OutlierSlot {
+                                pos: c.1,
+                                group: gi as u32,
+                            });
+                            new_k.extend_from_slice(&self.win_k[t * hd..(t + 1) * hd]);
+                            new_v.extend_from_slice(&self.win_v[t * hd..(t + 1) * hd]);
+                            selected[t] = true;
+                            mask[t / 32] |= 1 << (t % 32);
+                        }
+                    }
+                }
+                // clear + extend keeps the exact up-front allocation.
+                self.pool.clear();
+                self.pool.extend_from_slice(&new_slots);
+                self.pool_k.clear();
+                self.pool_k.extend_from_slice(&new_k);
+                self.pool_v.clear();
+                self.pool_v.extend_from_slice(&new_v);
+                fill_with_mean_of_others(&mut kg, &selected, hd);
+                fill_with_mean_of_others(&mut vg, &selected, hd);
+            }
+        }
+
+        let (kw, vw, np) = (self.key_words(), self.val_words(), self.val_nparams());
+        let (kc0, kp0, vc0, vp0) = (
+            self.key_codes.len(),
+            self.key_params.len(),
+            self.val_codes.len(),
+            self.val_params.len(),
+        );
+        // Exact growth: one group each time, so capacity == what is used (see memory()).
+        self.key_codes.reserve_exact(hd * kw);
+        self.key_codes.resize(kc0 + hd * kw, 0);
+        self.key_params.reserve_exact(hd);
+        self.key_params.resize(kp0 + hd, QParams::default());
+        self.val_codes.reserve_exact(g * vw);
+        self.val_codes.resize(vc0 + g * vw, 0);
+        self.val_params.reserve_exact(g * np);
+        self.val_params.resize(vp0 + g * np, QParams::default());
+        self.masks.reserve_exact(mask.len());
+        self.masks.extend_from_slice(&mask);
+        quantize_key_group(
+            &kg,
+            g,
+            hd,
+            self.geo.key_bits,
+            &mut self.key_codes[kc0..],
+            &mut self.key_params[kp0..],
+        )?;
+        let gv = self.geo.value_group as usize;
+        for t in 0..g {
+            quantize_value_row(
+                &vg[t * hd..(t + 1) * hd],
+                gv,
+                self.geo.value_bits,
+                &mut self.val_codes[vc0 + t * vw..vc0 + (t + 1) * vw],
+                &mut self.val_params[vp0 + t * np..vp0 + (t + 1) * np],
+            )?;
+        }
+        self.n_groups += 1;
+        self.win_k.drain(..g * hd);
+        self.win_v.drain(..g * hd);
+        Ok(())
+    }
+}
+
+/// Replaces the selected rows of `x` (`[G][head_dim]`) by the mean of the unselected rows, so
+/// that outliers leaving for the pool no longer stretch the group's range (OTT.md §4.4).
+fn fill_with_mean_of_others(x: &mut [f32], selected: &[bool], hd: usize) {
+    let n_keep = selected.iter().filter(|&&s| !s).count();
+    if n_keep == selected.len() {
+        return;
+    }
+    let mut mean = vec![0f32; hd]; // [head_dim]
+    for (row, _) in x.chunks(hd).zip(selected).filter(|(_, &s)| !s) {
+        for (m, &v) in mean.iter_mut().zip(row) {
+            *m += v;
+        }
+    }
+    // With every slot selected there is nothing to average; 0 is as good as any (all masked).
+    if n_keep > 0 {
+        mean.iter_mut().for_each(|m| *m /= n_keep as f32);
+    }
+    for (row, _) in x.chunks_mut(hd).zip(selected).filter(|(_, &s)| s) {
+        row.copy_from_slice(&mean);
+    }
+}

@@ -1,0 +1,115 @@
+//! Memory accounting (OTT.md §6): bytes actually allocated, by segment, and the closed form.
+
+use std::ops::Add;
+
+use super::{CacheConfig, CacheError, CacheShape};
+use crate::format::{words_for, OutlierSlot, QParams};
+
+/// Bytes allocated (Vec capacity × element size), by segment.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MemoryStats {
+    /// Packed key and value codes.
+    pub codes: usize,
+    /// f16 (scale, min) pairs of key and value groups.
+    pub params: usize,
+    /// The f16 window (K and V).
+    pub window: usize,
+    /// f16 K and V of the outlier and extra pools.
+    pub pools: usize,
+    /// Placeholder masks of quantized groups and positions of pooled tokens.
+    pub masks_positions: usize,
+    pub total: usize,
+}
+
+impl MemoryStats {
+    pub fn new(
+        codes: usize,
+        params: usize,
+        window: usize,
+        pools: usize,
+        masks_positions: usize,
+    ) -> Self {
+        Self {
+            codes,
+            params,
+            window,
+            pools,
+            masks_positions,
+            total: codes + params + window + pools + masks_positions,
+        }
+    }
+
+    /// Total bytes per cached token (0 for an empty cache).
+    pub fn bytes_per_token(&self, n_tokens: usize) -> f64 {
+        if n_tokens == 0 {
+            0.0
+        } else {
+            self.total as f64 / n_tokens as f64
+        }
+    }
+
+    /// Bits per K or V element of the quantized part alone (codes + params).
+    pub fn quantized_bits_per_element(&self, n_quantized_elements: usize) -> f64 {
+        if n_quantized_elements == 0 {
+            0.0
+        } else {
+            (self.codes + self.params) as f64 * 8.0 / n_quantized_elements as f64
+        }
+    }
+}
+
+impl Add for MemoryStats {
+    type Output = Self;
+    fn add(self, o: Self) -> Self {
+        Self::new(
+            self.codes + o.codes,
+            self.params + o.params,
+            self.window + o.window,
+            self.pools + o.pools,
+            self.masks_positions + o.masks_positions,
+        )
+    }
+}
+
+/// Closed form of [`super::OttCache::memory`] after `n_tokens` tokens went through every layer.
+///
+/// Per (layer, kv-head), with f = max(0, n − R) / G flushed groups, hd = head_dim:
+/// codes = 4·f·(hd·⌈G/cpw_k⌉ + G·⌈hd/cpw_v⌉), params = 4·f·(hd + G·hd/Gv),
+/// window = 2·2·hd·min(R + G, max_tokens), pools = 2·2·hd·(P + E),
+/// masks_positions = 4·f·⌈G/32⌉ + 8·(P + E), with (P, E) of that layer.
+pub fn expected_memory(
+    config: &CacheConfig,
+    shape: &CacheShape,
+    n_tokens: usize,
+) -> Result<MemoryStats, CacheError> {
+    super::ott::check_shape(config, shape)?;
+    let hd = shape.head_dim;
+    let (g, r) = (config.group as usize, config.residual as usize);
+    let gv = config.value_group_for(hd as u32) as usize;
+    let f = n_tokens.saturating_sub(r) / g;
+    let kw = words_for(g as u32, config.key_bits) as usize;
+    let vw = words_for(hd as u32, config.value_bits) as usize;
+    let qp = std::mem::size_of::<QParams>();
+    let slot = std::mem::size_of::<OutlierSlot>();
+    let mut total = MemoryStats::default();
+    for layer in 0..shape.n_layer {
+        let (p, e) = config.pools_for(layer as u32);
+        let (p, e) = (p as usize, e as usize);
+        let one = MemoryStats::new(
+            4 * f * (hd * kw + g * vw),
+            qp * f * (hd + g * (hd / gv)),
+            2 * 2 * hd * (r + g).min(shape.max_tokens),
+            2 * 2 * hd * (p + e),
+            4 * f * g.div_ceil(32) + slot * (p + e),
+        );
+        for _ in 0..shape.n_head_kv {
+            total = total + one;
+        }
+    }
+    Ok(total)
+}
+
+/// Bytes the same tokens take in a plain f16 cache (K and V), for ratios.
+pub fn f16_bytes(shape: &CacheShape, n_tokens: usize) -> usize {
+    2 * 2 * shape.n_layer * shape.n_head_kv * shape.head_dim * n_tokens
+}

@@ -1,0 +1,28 @@
+//! The OTT KV cache (OTT.md): KIVI-style 2–4 bit keys (per channel) and values (per token), an
+//! f16 window of recent tokens, and outlier-token tracing into full-precision pools.
+//!
+//! Decisions recorded here (OTT.md leaves them open or asks us to choose):
+//! - Key group G must be a positive multiple of 16 ([`config::GROUP_MULTIPLE`]); value group
+//!   Gv = min(G, head_dim) unless set, and head_dim must be a multiple of Gv.
+//! - Non-finite K/V (or values overflowing f16) are rejected with [`CacheError::NonFinite`]
+//!   before anything is appended.
+//! - Window and pools are allocated at creation (bounded sizes); quantized codes, params and
+//!   masks grow by exactly one group per flush. [`MemoryStats`] reports capacities.
+//! - A layer override's pool size wins over `untraced_layers`; without a pool (P = 0) a layer
+//!   gets no extra pool either (nothing could ever be evicted into it).
+//!
+//! No `unsafe` in this module.
+#![forbid(unsafe_code)]
+
+mod attn;
+pub mod config;
+mod error;
+mod head;
+mod memory;
+mod ott;
+
+pub use config::{CacheConfig, LayerOverride, Score, PRESETS};
+pub use error::CacheError;
+pub use head::HeadCache;
+pub use memory::{expected_memory, f16_bytes, MemoryStats};
+pub use ott::{CacheShape, OttCache, MAX_HEAD_DIM};

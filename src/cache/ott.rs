@@ -1,0 +1,499 @@
+//! `OttCache`: all layers and kv-heads, the batch schedule and the engine-facing calls.
+
+use std::ops::Range;
+
+use half::f16;
+
+use super::attn::{attend_row, attend_row_ref, Dequantized, Scratch};
+use super::{CacheConfig, CacheError, HeadCache, MemoryStats};
+use crate::format::Geometry;
+
+/// Shape of the model's KV cache.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CacheShape {
+    pub n_layer: usize,
+    pub n_head_kv: usize,
+    pub head_dim: usize,
+    /// Most tokens any layer may hold; appending past it is an error.
+    pub max_tokens: usize,
+}
+
+/// Largest head size accepted (keeps hostile shapes from asking for huge scratch buffers).
+pub const MAX_HEAD_DIM: usize = 1 << 14;
+
+/// Checks a shape against a config; shared by `OttCache::new` and `expected_memory`.
+pub(crate) fn check_shape(config: &CacheConfig, shape: &CacheShape) -> Result<(), CacheError> {
+    config.validate()?;
+    let bad = |m: String| Err(CacheError::Shape(m));
+    if shape.n_layer == 0 || shape.n_head_kv == 0 || shape.head_dim == 0 || shape.max_tokens == 0 {
+        return bad(format!("all dimensions must be positive: {shape:?}"));
+    }
+    if shape.head_dim > MAX_HEAD_DIM {
+        return bad(format!("head_dim {} above {MAX_HEAD_DIM}", shape.head_dim));
+    }
+    // Pool positions are stored as i32 (format::OutlierSlot).
+    if shape.max_tokens > i32::MAX as usize {
+        return bad(format!("max_tokens {} above i32::MAX", shape.max_tokens));
+    }
+    let gv = config.value_group_for(shape.head_dim as u32) as usize;
+    if shape.head_dim % gv != 0 {
+        return bad(format!(
+            "head_dim {} is not a multiple of the value group {gv} (Gv = min(G, head_dim) unless set)",
+            shape.head_dim
+        ));
+    }
+    if let Some(o) = config
+        .overrides
+        .iter()
+        .find(|o| o.layer as usize >= shape.n_layer)
+    {
+        return bad(format!(
+            "override for layer {} but n_layer is {}",
+            o.layer, shape.n_layer
+        ));
+    }
+    let elems = shape
+        .n_layer
+        .checked_mul(shape.n_head_kv)
+        .and_then(|x| x.checked_mul(shape.head_dim))
+        .and_then(|x| x.checked_mul(shape.max_tokens))
+        .and_then(|x| x.checked_mul(4));
+    if elems.is_none() {
+        return bad(format!("{shape:?} overflows usize"));
+    }
+    Ok(())
+}
+
+/// The OTT KV cache of one sequence.
+#[derive(Clone, Debug)]
+pub struct OttCache {
+    config: CacheConfig,
+    shape: CacheShape,
+    geo: Geometry,
+    heads: Vec<HeadCache>, // [n_layer][n_head_kv]
+    lens: Vec<usize>,      // [n_layer]
+}
+
+impl OttCache {
+    /// Builds an empty cache; window and pools are allocated now, quantized storage grows by
+    /// exactly one group per flush, so `memory()` always reports what is really held.
+    pub fn new(config: CacheConfig, shape: CacheShape) -> Result<Self, CacheError> {
+        check_shape(&config, &shape)?;
+        let geo = Geometry {
+            head_dim: shape.head_dim as u32,
+            key_group: config.group,
+            value_group: config.value_group_for(shape.head_dim as u32),
+            key_bits: config.key_bits,
+            value_bits: config.value_bits,
+        };
+        let window_cap = (config.residual as usize + config.group as usize).min(shape.max_tokens);
+        let mut heads = Vec::with_capacity(shape.n_layer * shape.n_head_kv);
+        for layer in 0..shape.n_layer {
+            let (p, e) = config.pools_for(layer as u32);
+            for _ in 0..shape.n_head_kv {
+                heads.push(HeadCache::new(
+                    geo,
+                    config.residual as usize,
+                    p as usize,
+                    e as usize,
+                    config.score,
+                    window_cap,
+                ));
+            }
+        }
+        Ok(Self {
+            lens: vec![0; shape.n_layer],
+            config,
+            shape,
+            geo,
+            heads,
+        })
+    }
+
+    pub fn config(&self) -> &CacheConfig {
+        &self.config
+    }
+    pub fn shape(&self) -> &CacheShape {
+        &self.shape
+    }
+    /// Layout of one (layer, kv-head)'s quantized storage.
+    pub fn geometry(&self) -> Geometry {
+        self.geo
+    }
+    /// Tokens in layer 0 (after a full forward pass, every layer holds the same number).
+    pub fn len(&self) -> usize {
+        self.lens[0]
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Tokens in one layer.
+    pub fn layer_len(&self, layer: usize) -> Result<usize, CacheError> {
+        self.check_layer(layer)?;
+        Ok(self.lens[layer])
+    }
+    /// Drops all tokens and the quantized storage (window and pools stay allocated).
+    pub fn reset(&mut self) {
+        *self = Self::new(self.config.clone(), self.shape).expect("config was valid at creation");
+    }
+    /// Bytes actually allocated, by segment, over all layers and heads.
+    pub fn memory(&self) -> MemoryStats {
+        self.heads
+            .iter()
+            .map(HeadCache::memory)
+            .fold(MemoryStats::default(), |a, b| a + b)
+    }
+    /// State of one (layer, kv-head), for inspection.
+    pub fn head(&self, layer: usize, kv_head: usize) -> Result<&HeadCache, CacheError> {
+        self.check_layer(layer)?;
+        if kv_head >= self.shape.n_head_kv {
+            return Err(CacheError::Shape(format!(
+                "kv-head {kv_head} >= n_head_kv {}",
+                self.shape.n_head_kv
+            )));
+        }
+        Ok(&self.heads[layer * self.shape.n_head_kv + kv_head])
+    }
+
+    fn check_layer(&self, layer: usize) -> Result<(), CacheError> {
+        if layer < self.shape.n_layer {
+            Ok(())
+        } else {
+            Err(CacheError::Layer {
+                layer,
+                n_layer: self.shape.n_layer,
+            })
+        }
+    }
+
+    fn layer_heads(&self, layer: usize) -> &[HeadCache] {
+        let n = self.shape.n_head_kv;
+        &self.heads[layer * n..(layer + 1) * n]
+    }
+
+    /// Splits `n` new tokens of `layer` at flush points: each range after the first starts at
+    /// a token whose append triggers a flush. Appending a range, then attending it causally,
+    /// gives each query the cache state it would have seen when decoded alone.
+    pub fn plan_subbatches(&self, layer: usize, n: usize) -> Result<Vec<Range<usize>>, CacheError> {
+        self.check_layer(layer)?;
+        let trigger = self.config.residual as usize + self.config.group as usize;
+        let mut wl = self.layer_heads(layer)[0].window_len();
+        let mut out = Vec::new();
+        let mut start = 0;
+        for j in 0..n {
+            wl += 1;
+            if wl == trigger {
+                if j > start {
+                    out.push(start..j);
+                    start = j;
+                }
+                wl = self.config.residual as usize;
+            }
+        }
+        if n > start {
+            out.push(start..n);
+        }
+        Ok(out)
+    }
+
+    fn check_len(what: &'static str, expected: usize, got: usize) -> Result<(), CacheError> {
+        if expected == got {
+            Ok(())
+        } else {
+            Err(CacheError::Length {
+                what,
+                expected,
+                got,
+            })
+        }
+    }
+
+    /// Checks `k`/`v` (`[n][n_head_kv][head_dim]`) and the token budget before anything changes.
+    fn check_kv(&self, layer: usize, k: &[f32], v: &[f32], n: usize) -> Result<(), CacheError> {
+        self.check_layer(layer)?;
+        let row = self.shape.n_head_kv * self.shape.head_dim;
+        let want = n
+            .checked_mul(row)
+            .ok_or(CacheError::Shape(format!("{n} tokens overflow usize")))?;
+        Self::check_len("k [n][n_head_kv][head_dim]", want, k.len())?;
+        Self::check_len("v [n][n_head_kv][head_dim]", want, v.len())?;
+        let len = self.lens[layer];
+        if n > self.shape.max_tokens - len {
+            return Err(CacheError::Overflow {
+                layer,
+                len,
+                n,
+                max_tokens: self.shape.max_tokens,
+            });
+        }
+        // Non-finite (or f16-overflowing) tokens are rejected: kept in f16 they would turn every
+        // later attention output into NaN anyway, and quantized they would poison their group.
+        for (tensor, x) in [("k", k), ("v", v)] {
+            if let Some(i) = x.iter().position(|&a| !f16::from_f32(a).is_finite()) {
+                return Err(CacheError::NonFinite {
+                    layer,
+                    tensor,
+                    token: i / row,
+                    head: i % row / self.shape.head_dim,
+                    channel: i % self.shape.head_dim,
+                    value: x[i],
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Appends `n` tokens to `layer` (`k`, `v`: `[n][n_head_kv][head_dim]`, post-RoPE),
+    /// flushing as they come. Nothing changes when it returns an error.
+    pub fn append(
+        &mut self,
+        layer: usize,
+        k: &[f32],
+        v: &[f32],
+        n: usize,
+    ) -> Result<(), CacheError> {
+        self.check_kv(layer, k, v, n)?;
+        self.append_checked(layer, k, v, n)
+    }
+
+    fn append_checked(
+        &mut self,
+        layer: usize,
+        k: &[f32],
+        v: &[f32],
+        n: usize,
+    ) -> Result<(), CacheError> {
+        let (nkv, hd) = (self.shape.n_head_kv, self.shape.head_dim);
+        let heads = &mut self.heads[layer * nkv..(layer + 1) * nkv];
+        for t in 0..n {
+            for (h, head) in heads.iter_mut().enumerate() {
+                let o = (t * nkv + h) * hd;
+                head.push(&k[o..o + hd], &v[o..o + hd])?;
+            }
+        }
+        self.lens[layer] += n;
+        Ok(())
+    }
+
+    /// Checks an attend call; returns (rows in this batch, kv-head group size).
+    fn check_attend(
+        &self,
+        layer: usize,
+        q: &[f32],
+        n: usize,
+        n_head: usize,
+        rows: &Range<usize>,
+        out: &[f32],
+    ) -> Result<usize, CacheError> {
+        self.check_layer(layer)?;
+        let nkv = self.shape.n_head_kv;
+        if n_head == 0 || n_head % nkv != 0 {
+            return Err(CacheError::Heads {
+                n_head,
+                n_head_kv: nkv,
+            });
+        }
+        let hd = self.shape.head_dim;
+        let total = n.checked_mul(n_head).ok_or(CacheError::Shape(format!(
+            "{n} x {n_head} rows overflow usize"
+        )))?;
+        Self::check_len("q [n][n_head][head_dim]", total * hd, q.len())?;
+        if rows.start > rows.end || rows.end > total {
+            return Err(CacheError::Rows {
+                start: rows.start,
+                end: rows.end,
+                rows: total,
+            });
+        }
+        Self::check_len("out [rows][head_dim]", rows.len() * hd, out.len())?;
+        let len = self.lens[layer];
+        if n > len {
+            return Err(CacheError::SubBatch { n, window: len });
+        }
+        // Every query of the sub-batch must see all quantized slots: only its first token may
+        // have been flushed into a group (with R = 0).
+        let nq = self.layer_heads(layer)[0].quantized_len();
+        if nq > len - n + 1 {
+            return Err(CacheError::SubBatch {
+                n,
+                window: self.layer_heads(layer)[0].window_len(),
+            });
+        }
+        Ok(n_head / nkv)
+    }
+
+    /// Attention of the last `n` appended tokens of `layer` (the current sub-batch, appended
+    /// by [`Self::append`]) for the flattened (token, head) rows `rows` of
+    /// `q: [n][n_head][head_dim]`; writes `out: [rows.len()][head_dim]`. Query token i sees the
+    /// cache up to and including its own position. Disjoint row ranges may run on different
+    /// threads (`&self`); this is the fast path.
+    #[allow(clippy::too_many_arguments)]
+    pub fn attend(
+        &self,
+        layer: usize,
+        q: &[f32],
+        n: usize,
+        n_head: usize,
+        scale: f32,
+        rows: Range<usize>,
+        out: &mut [f32],
+    ) -> Result<(), CacheError> {
+        let rep = self.check_attend(layer, q, n, n_head, &rows, out)?;
+        let hd = self.shape.head_dim;
+        let len = self.lens[layer];
+        let heads = self.layer_heads(layer);
+        let mut s = Scratch::default();
+        for (r, o) in rows.zip(out.chunks_mut(hd)) {
+            let (i, h) = (r / n_head, r % n_head);
+            let head = &heads[h / rep];
+            let n_window = len - n + i + 1 - head.quantized_len();
+            attend_row(head, &q[r * hd..(r + 1) * hd], scale, n_window, &mut s, o);
+        }
+        Ok(())
+    }
+
+    /// Scalar reference of [`Self::attend`]: dequantizes and computes plainly.
+    #[allow(clippy::too_many_arguments)]
+    pub fn attend_ref(
+        &self,
+        layer: usize,
+        q: &[f32],
+        n: usize,
+        n_head: usize,
+        scale: f32,
+        rows: Range<usize>,
+        out: &mut [f32],
+    ) -> Result<(), CacheError> {
+        let rep = self.check_attend(layer, q, n, n_head, &rows, out)?;
+        let hd = self.shape.head_dim;
+        let len = self.lens[layer];
+        let heads = self.layer_heads(layer);
+        let mut deq: Vec<Option<Dequantized>> = (0..heads.len()).map(|_| None).collect();
+        for (r, o) in rows.zip(out.chunks_mut(hd)) {
+            let (i, h) = (r / n_head, r % n_head);
+            let kv = h / rep;
+            let head = &heads[kv];
+            let d = deq[kv].get_or_insert_with(|| Dequantized::of(head));
+            let n_window = len - n + i + 1 - head.quantized_len();
+            attend_row_ref(head, d, &q[r * hd..(r + 1) * hd], scale, n_window, o);
+        }
+        Ok(())
+    }
+
+    /// Attention over the sub-batch rows, split into `threads` contiguous row ranges.
+    #[allow(clippy::too_many_arguments)]
+    fn attend_threads(
+        &self,
+        layer: usize,
+        q: &[f32],
+        n: usize,
+        n_head: usize,
+        scale: f32,
+        out: &mut [f32],
+        threads: usize,
+    ) -> Result<(), CacheError> {
+        let rows = n * n_head;
+        let threads = threads.clamp(1, rows.max(1));
+        if threads == 1 {
+            return self.attend(layer, q, n, n_head, scale, 0..rows, out);
+        }
+        let per = rows.div_ceil(threads);
+        let hd = self.shape.head_dim;
+        std::thread::scope(|sc| {
+            let handles: Vec<_> = out
+                .chunks_mut(per * hd)
+                .enumerate()
+                .map(|(c, o)| {
+                    let r0 = c * per;
+                    let r1 = r0 + o.len() / hd;
+                    sc.spawn(move || self.attend(layer, q, n, n_head, scale, r0..r1, o))
+                })
+                .collect();
+            handles
+                .into_iter()
+                .try_for_each(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+        })
+    }
+
+    /// Full layer step for `n` new tokens: `q: [n][n_head][head_dim]`,
+    /// `k`, `v: [n][n_head_kv][head_dim]` (f32, post-RoPE), `out: [n][n_head][head_dim]`.
+    /// Equivalent (to float rounding; in practice bit-identical) to n single-token calls.
+    /// Everything is checked before the cache changes.
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward(
+        &mut self,
+        layer: usize,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        n: usize,
+        n_head: usize,
+        scale: f32,
+        out: &mut [f32],
+        threads: usize,
+    ) -> Result<(), CacheError> {
+        self.forward_impl(layer, q, k, v, n, n_head, scale, out, Some(threads))
+    }
+
+    /// [`Self::forward`] with the scalar reference attention, single-threaded.
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_ref(
+        &mut self,
+        layer: usize,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        n: usize,
+        n_head: usize,
+        scale: f32,
+        out: &mut [f32],
+    ) -> Result<(), CacheError> {
+        self.forward_impl(layer, q, k, v, n, n_head, scale, out, None)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn forward_impl(
+        &mut self,
+        layer: usize,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        n: usize,
+        n_head: usize,
+        scale: f32,
+        out: &mut [f32],
+        threads: Option<usize>,
+    ) -> Result<(), CacheError> {
+        self.check_kv(layer, k, v, n)?;
+        let nkv = self.shape.n_head_kv;
+        if n_head == 0 || n_head % nkv != 0 {
+            return Err(CacheError::Heads {
+                n_head,
+                n_head_kv: nkv,
+            });
+        }
+        let hd = self.shape.head_dim;
+        let qrow = n_head * hd;
+        Self::check_len("q [n][n_head][head_dim]", n * qrow, q.len())?;
+        Self::check_len("out [n][n_head][head_dim]", n * qrow, out.len())?;
+        let kvrow = nkv * hd;
+        for r in self.plan_subbatches(layer, n)? {
+            self.append_checked(
+                layer,
+                &k[r.start * kvrow..r.end * kvrow],
+                &v[r.start * kvrow..r.end * kvrow],
+                r.len(),
+            )?;
+            let (qs, os) = (
+                &q[r.start * qrow..r.end * qrow],
+                &mut out[r.start * qrow..r.end * qrow],
+            );
+            let m = r.len();
+            match threads {
+                Some(t) => self.attend_threads(layer, qs, m, n_head, scale, os, t)?,
+                None => self.attend_ref(layer, qs, m, n_head, scale, 0..m * n_head, os)?,
+            }
+        }
+        Ok(())
+    }
+}
