@@ -116,17 +116,72 @@ impl Context {
         Tensor::from_raw(unsafe { sys::ggml_add(self.as_ptr(), a.as_ptr(), b.as_ptr()) })
     }
 
-    /// A forward graph ending at `out`, computed on ggml's CPU backend with `threads` threads.
-    pub fn compute<'c>(&'c self, out: Tensor<'c>, threads: usize) -> Result<()> {
-        self.check_room(64 * 1024)?;
-        // SAFETY: context live; the graph is allocated in it and only used within this call.
-        let graph = unsafe { sys::ggml_new_graph(self.as_ptr()) };
-        if graph.is_null() {
-            return Err(Error::Ggml("ggml_new_graph failed".into()));
+    /// ggml's fused attention, as llama.cpp calls it: `q [d, n_q, n_head]` (f32),
+    /// `k [d, n_kv, n_head_kv]`, `v [d, n_kv, n_head_kv]` (f16 or a quantized type), optional
+    /// `mask [n_kv, n_q_pad]` (f16, at least n_q rows) → the
+    /// output `[d, n_head, n_q]` (permuted, as ggml returns it).
+    pub fn flash_attn_ext<'c>(
+        &'c self,
+        q: Tensor<'c>,
+        k: Tensor<'c>,
+        v: Tensor<'c>,
+        mask: Option<Tensor<'c>>,
+        scale: f32,
+    ) -> Result<Tensor<'c>> {
+        let (nq, nk, nv) = (q.ne(), k.ne(), v.ne());
+        let ok = q.ty() == sys::GGML_TYPE_F32
+            && nq[0] == nk[0]
+            && nk[1] == nv[1]
+            && nk[2] == nv[2]
+            && nk[2] > 0
+            && nq[2] % nk[2] == 0
+            && nq[3] % nk[3] == 0;
+        if !ok {
+            return Err(Error::Ggml(format!("flash_attn_ext: q {nq:?} k {nk:?} v {nv:?} do not match")));
         }
+        if let Some(m) = mask {
+            let nm = m.ne();
+            if m.ty() != sys::GGML_TYPE_F16 || nm[0] != nk[1] || nm[1] < nq[1] {
+                return Err(Error::Ggml(format!("flash_attn_ext: mask {nm:?} does not fit k {nk:?} / q {nq:?}")));
+            }
+        }
+        self.check_room(0)?;
+        let mp = mask.map_or(std::ptr::null_mut(), |m| m.as_ptr());
+        // SAFETY: shapes and types checked as ggml asserts them; all tensors from this context.
+        Tensor::from_raw(unsafe {
+            sys::ggml_flash_attn_ext(self.as_ptr(), q.as_ptr(), k.as_ptr(), v.as_ptr(), mp, scale, 0.0, 0.0)
+        })
+    }
+
+    /// The forward graph ending at `out`, built once and computable many times.
+    pub fn build_graph<'c>(&'c self, out: Tensor<'c>) -> Result<Graph<'c>> {
+        // SAFETY: context live.
+        let need = unsafe { sys::ggml_graph_overhead() };
+        self.check_room(need)?;
+        // SAFETY: context live; the graph is allocated in it.
+        let graph = unsafe { sys::ggml_new_graph(self.as_ptr()) };
+        let ptr = NonNull::new(graph).ok_or_else(|| Error::Ggml("ggml_new_graph failed".into()))?;
         // SAFETY: graph and tensor are from this context.
         unsafe { sys::ggml_build_forward_expand(graph, out.as_ptr()) };
-        compute_graph(graph, threads)
+        Ok(Graph { ptr, _ctx: PhantomData })
+    }
+
+    /// Builds the graph ending at `out` and computes it once with `threads` threads.
+    pub fn compute<'c>(&'c self, out: Tensor<'c>, threads: usize) -> Result<()> {
+        self.build_graph(out)?.compute(threads)
+    }
+}
+
+/// A computation graph inside a `Context`.
+pub struct Graph<'ctx> {
+    ptr: NonNull<sys::ggml_cgraph>,
+    _ctx: PhantomData<&'ctx Context>,
+}
+
+impl Graph<'_> {
+    /// Runs the graph on ggml's CPU backend with `threads` threads.
+    pub fn compute(&self, threads: usize) -> Result<()> {
+        compute_graph(self.ptr.as_ptr(), threads)
     }
 }
 
@@ -223,6 +278,24 @@ impl<'ctx> Tensor<'ctx> {
         unsafe {
             std::ptr::copy_nonoverlapping(src.as_ptr(), self.raw().data as *mut f32, src.len())
         };
+        Ok(())
+    }
+
+    /// Copies raw bytes (any type, e.g. f16 bit patterns) into an allocated, contiguous tensor
+    /// of exactly that many bytes.
+    pub fn set_bytes(&self, src: &[u8]) -> Result<()> {
+        let t = self.raw();
+        // SAFETY: valid tensor.
+        let (contig, nbytes) = unsafe { (sys::ggml_is_contiguous(self.as_ptr()), sys::ggml_nbytes(self.as_ptr())) };
+        if t.data.is_null() || !contig || nbytes != src.len() {
+            return Err(Error::Ggml(format!(
+                "set_bytes: {} bytes for a tensor of {nbytes} (allocated: {}, contiguous: {contig})",
+                src.len(),
+                !t.data.is_null()
+            )));
+        }
+        // SAFETY: allocated, contiguous, exactly src.len() bytes.
+        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), t.data as *mut u8, src.len()) };
         Ok(())
     }
 

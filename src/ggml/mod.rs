@@ -6,7 +6,7 @@ pub mod gguf_reader;
 pub mod log;
 pub mod sys;
 
-pub use context::{Context, Tensor};
+pub use context::{Context, Graph, Tensor};
 
 use std::ffi::CStr;
 
