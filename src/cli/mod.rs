@@ -3,6 +3,7 @@
 
 mod dump_kv;
 mod inspect;
+mod kv_error;
 
 use clap::{Parser, Subcommand};
 
@@ -23,6 +24,8 @@ enum Command {
     Inspect(inspect::Args),
     /// Capture post-RoPE Q/K/V of every layer from llama.cpp running a model on a text.
     DumpKv(dump_kv::Args),
+    /// Replay a K/V dump through each cache type: reconstruction and attention-output error.
+    KvError(kv_error::Args),
 }
 
 /// Runs the command line and returns the process exit status.
@@ -37,6 +40,7 @@ pub fn main() -> i32 {
     let result = std::panic::catch_unwind(|| match cli.cmd {
         Command::Inspect(a) => inspect::run(&a),
         Command::DumpKv(a) => dump_kv::run(&a),
+        Command::KvError(a) => kv_error::run(&a),
     });
     match result {
         Ok(Ok(())) => 0,

@@ -4,6 +4,7 @@
 pub mod context;
 pub mod gguf_reader;
 pub mod log;
+pub mod quantize;
 pub mod sys;
 
 pub use context::{Context, Graph, Tensor};
