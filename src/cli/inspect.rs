@@ -160,7 +160,8 @@ fn print_text(r: &Report) {
         let f16 = r.kv_bytes_per_token.get("f16").copied().unwrap_or(f64::NAN);
         for k in INSPECT_CACHES {
             match r.kv_bytes_per_token.get(*k) {
-                Some(v) => println!("    {k:<6} {v:>10.1}  ({:.2}x smaller than f16)", f16 / v),
+                Some(v) if *k == "f16" => println!("    {k:<6} {v:>10.1}"),
+                Some(v) => println!("    {k:<6} {v:>10.1}  ({:.2}x less than f16)", f16 / v),
                 None => println!(
                     "    {k:<6} {:>10}  (head_dim is not a multiple of its 32-element block)",
                     "n/a"

@@ -16,8 +16,8 @@ pub struct Args {
     /// Comma-separated cache types: f16, q8_0, q4_0 (rotated as llama.cpp), q8_0-norot,
     /// q4_0-norot, OTT presets (ott2, ott2-p0, ottk4v2, kivi2, ott4, kivi4, ...) or specs
     /// like `ott:k=3,v=2,g=64`.
-    #[arg(long, value_delimiter = ',', default_values_t = DEFAULT_CACHES.iter().map(|s| s.to_string()))]
-    caches: Vec<String>,
+    #[arg(long, default_value_t = DEFAULT_CACHES.join(","))]
+    caches: String,
     /// Print the per-layer attention error too.
     #[arg(long)]
     per_layer: bool,
@@ -27,8 +27,7 @@ pub struct Args {
 
 pub fn run(a: &Args) -> Result<()> {
     let d = KvDump::read(&a.dump)?;
-    let caches = a
-        .caches
+    let caches = super::split_cache_list(&a.caches)
         .iter()
         .map(|c| Ok((c.clone(), CacheKind::parse(c)?)))
         .collect::<Result<Vec<_>>>()?;
@@ -43,7 +42,11 @@ pub fn run(a: &Args) -> Result<()> {
     if tty {
         eprint!("\r{:40}\r", "");
     }
-    let f16 = report.results.iter().find(|r| r.cache == "f16").map(|r| r.bytes_per_token);
+    let f16 = report
+        .results
+        .iter()
+        .find(|r| r.cache == "f16")
+        .map(|r| r.bytes_per_token);
     println!(
         "{}: {} tokens, {} layers, {} q / {} kv heads, head_dim {}; errors on queries {}..{}",
         d.model,
@@ -58,7 +61,9 @@ pub fn run(a: &Args) -> Result<()> {
     println!("| cache | attn_rel_err | k_nmse | v_nmse | bytes/token | vs f16 |");
     println!("|---|---|---|---|---|---|");
     for r in &report.results {
-        let ratio = f16.map(|f| format!("{:.2}x", f / r.bytes_per_token)).unwrap_or_default();
+        let ratio = f16
+            .map(|f| format!("{:.2}x", f / r.bytes_per_token))
+            .unwrap_or_default();
         println!(
             "| {} | {:.4} | {:.5} | {:.5} | {:.1} | {} |",
             r.cache, r.attn_rel_err, r.k_nmse, r.v_nmse, r.bytes_per_token, ratio
@@ -66,12 +71,17 @@ pub fn run(a: &Args) -> Result<()> {
     }
     if a.per_layer {
         for r in &report.results {
-            let v: Vec<String> = r.per_layer.iter().map(|l| format!("{:.3}", l.attn_rel_err)).collect();
+            let v: Vec<String> = r
+                .per_layer
+                .iter()
+                .map(|l| format!("{:.3}", l.attn_rel_err))
+                .collect();
             println!("{:<12} {}", r.cache, v.join(" "));
         }
     }
     if let Some(p) = &a.json {
-        let s = serde_json::to_string_pretty(&report).map_err(|e| Error::InvalidArgument(e.to_string()))?;
+        let s = serde_json::to_string_pretty(&report)
+            .map_err(|e| Error::InvalidArgument(e.to_string()))?;
         std::fs::write(p, s).map_err(|e| Error::io(p, e))?;
     }
     Ok(())

@@ -12,7 +12,14 @@ pub struct AttnShape {
 
 /// Outputs of query tokens `from..n_tokens`, each seeing keys `0..=t` (causal, GQA), as
 /// `[(n_tokens - from)][n_head][head_dim]`. q `[n][n_head][hd]`, k and v `[n][n_head_kv][hd]`.
-pub fn causal_attention(q: &[f32], k: &[f32], v: &[f32], s: AttnShape, from: usize, threads: usize) -> Vec<f32> {
+pub fn causal_attention(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    s: AttnShape,
+    from: usize,
+    threads: usize,
+) -> Vec<f32> {
     let (n, nh, nkv, hd) = (s.n_tokens, s.n_head, s.n_head_kv, s.head_dim);
     debug_assert!(q.len() == n * nh * hd && k.len() == n * nkv * hd && v.len() == k.len());
     let rows = n.saturating_sub(from);
@@ -72,7 +79,12 @@ pub fn causal_attention(q: &[f32], k: &[f32], v: &[f32], s: AttnShape, from: usi
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
     let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
     for (x, y) in ca.zip(cb) {
         for i in 0..8 {
             acc[i] += x[i] * y[i];
@@ -88,7 +100,12 @@ mod tests {
     #[test]
     fn uniform_keys_average_the_values() {
         // Equal keys → softmax is uniform → output is the mean of the visible values.
-        let s = AttnShape { n_tokens: 5, n_head: 2, n_head_kv: 1, head_dim: 3 };
+        let s = AttnShape {
+            n_tokens: 5,
+            n_head: 2,
+            n_head_kv: 1,
+            head_dim: 3,
+        };
         let q: Vec<f32> = (0..5 * 2 * 3).map(|i| i as f32 * 0.1).collect();
         let k = vec![1.0f32; 5 * 3];
         let v: Vec<f32> = (0..5 * 3).map(|i| (i / 3) as f32).collect();

@@ -13,8 +13,9 @@ use crate::quant::hadamard_blocks;
 use serde::Serialize;
 
 /// The cache types `kv-error` reports by default.
-pub const DEFAULT_CACHES: &[&str] =
-    &["f16", "q8_0", "q4_0", "ott2", "ott2-p0", "ottk4v2", "kivi2", "ott4", "kivi4"];
+pub const DEFAULT_CACHES: &[&str] = &[
+    "f16", "q8_0", "q4_0", "ott2", "ott2-p0", "ottk4v2", "kivi2", "ott4", "kivi4",
+];
 
 /// A cache under test.
 #[derive(Clone, Debug)]
@@ -74,7 +75,12 @@ pub struct KvErrorReport {
 
 /// The reference outputs of one layer: exact attention over the dump's own K/V.
 fn shape_of(d: &KvDump) -> AttnShape {
-    AttnShape { n_tokens: d.n_tokens, n_head: d.n_head, n_head_kv: d.n_head_kv, head_dim: d.head_dim }
+    AttnShape {
+        n_tokens: d.n_tokens,
+        n_head: d.n_head,
+        n_head_kv: d.n_head_kv,
+        head_dim: d.head_dim,
+    }
 }
 
 /// Runs every cache in `caches` over the dump. `progress(cache, layer)` is called as it goes.
@@ -85,7 +91,9 @@ pub fn kv_error(
     mut progress: impl FnMut(&str, usize),
 ) -> Result<KvErrorReport> {
     if d.n_tokens < 2 {
-        return Err(Error::InvalidArgument("the dump needs at least 2 tokens".into()));
+        return Err(Error::InvalidArgument(
+            "the dump needs at least 2 tokens".into(),
+        ));
     }
     let s = shape_of(d);
     let from = d.n_tokens / 2;
@@ -99,14 +107,23 @@ pub fn kv_error(
     for (name, kind) in caches {
         let r = match kind {
             CacheKind::F16 => simulate_plain(d, &exact, name, None, threads, &mut progress)?,
-            CacheKind::Ggml { ty, rotate } => {
-                simulate_plain(d, &exact, name, Some((*ty, *rotate)), threads, &mut progress)?
-            }
+            CacheKind::Ggml { ty, rotate } => simulate_plain(
+                d,
+                &exact,
+                name,
+                Some((*ty, *rotate)),
+                threads,
+                &mut progress,
+            )?,
             CacheKind::Ott(cfg) => simulate_ott(d, &exact, name, cfg, threads, &mut progress)?,
         };
         results.push(r);
     }
-    Ok(KvErrorReport { model: d.model.clone(), tokens: d.n_tokens, results })
+    Ok(KvErrorReport {
+        model: d.model.clone(),
+        tokens: d.n_tokens,
+        results,
+    })
 }
 
 /// Mean over (query, head) rows of ‖a − b‖ / ‖b‖.
@@ -129,7 +146,11 @@ fn mean_rel_err(approx: &[f32], exact: &[f32], hd: usize) -> f64 {
 }
 
 fn nmse(approx: &[f32], exact: &[f32]) -> f64 {
-    let num: f64 = approx.iter().zip(exact).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
+    let num: f64 = approx
+        .iter()
+        .zip(exact)
+        .map(|(x, y)| ((x - y) as f64).powi(2))
+        .sum();
     let den: f64 = exact.iter().map(|y| (*y as f64).powi(2)).sum();
     if den > 0.0 {
         num / den
@@ -178,12 +199,13 @@ fn simulate_plain(
     let hd = d.head_dim;
     let mut per_layer = Vec::new();
     let mut bytes_per_elem = 2.0;
-    for l in 0..d.n_layer {
+    for (l, exact_l) in exact.iter().enumerate() {
         progress(name, l);
         let (k, v) = match ggml {
             None => (d.k[l].clone(), d.v[l].clone()),
             Some((ty, rotate)) => {
-                let t = GgmlType::from_id(ty).ok_or_else(|| Error::Ggml(format!("unknown ggml type {ty}")))?;
+                let t = GgmlType::from_id(ty)
+                    .ok_or_else(|| Error::Ggml(format!("unknown ggml type {ty}")))?;
                 let (blck, tsize) = (t.block_size() as usize, t.type_size() as usize);
                 if hd % blck != 0 {
                     return Err(Error::InvalidArgument(format!(
@@ -192,13 +214,16 @@ fn simulate_plain(
                 }
                 bytes_per_elem = tsize as f64 / blck as f64;
                 let (rk, rv) = if rotate { llama_rotation(hd) } else { (0, 0) };
-                (ggml_roundtrip(ty, &d.k[l], rk)?, ggml_roundtrip(ty, &d.v[l], rv)?)
+                (
+                    ggml_roundtrip(ty, &d.k[l], rk)?,
+                    ggml_roundtrip(ty, &d.v[l], rv)?,
+                )
             }
         };
         let o = causal_attention(&d.q[l], &k, &v, s, d.n_tokens / 2, threads);
         per_layer.push(LayerError {
             layer: l,
-            attn_rel_err: mean_rel_err(&o, &exact[l], hd),
+            attn_rel_err: mean_rel_err(&o, exact_l, hd),
             k_nmse: nmse(&k, &d.k[l]),
             v_nmse: nmse(&v, &d.v[l]),
         });
@@ -230,18 +255,25 @@ fn simulate_ott(
     progress: &mut impl FnMut(&str, usize),
 ) -> Result<CacheError> {
     let (n, nh, nkv, hd) = (d.n_tokens, d.n_head, d.n_head_kv, d.head_dim);
-    let shape = CacheShape { n_layer: d.n_layer, n_head_kv: nkv, head_dim: hd, max_tokens: n };
+    let shape = CacheShape {
+        n_layer: d.n_layer,
+        n_head_kv: nkv,
+        head_dim: hd,
+        max_tokens: n,
+    };
     let mut cache = OttCache::new(cfg.clone(), shape)?;
     let scale = 1.0 / (hd as f32).sqrt();
     let mut out = vec![0f32; n * nh * hd];
     let mut per_layer = Vec::new();
-    for l in 0..d.n_layer {
+    for (l, exact_l) in exact.iter().enumerate() {
         progress(name, l);
-        cache.forward(l, &d.q[l], &d.k[l], &d.v[l], n, nh, scale, &mut out, threads)?;
+        cache.forward(
+            l, &d.q[l], &d.k[l], &d.v[l], n, nh, scale, &mut out, threads,
+        )?;
         let (k, v) = reconstruct(&cache, l, d)?;
         per_layer.push(LayerError {
             layer: l,
-            attn_rel_err: mean_rel_err(&out[n / 2 * nh * hd..], &exact[l], hd),
+            attn_rel_err: mean_rel_err(&out[n / 2 * nh * hd..], exact_l, hd),
             k_nmse: nmse(&k, &d.k[l]),
             v_nmse: nmse(&v, &d.v[l]),
         });
@@ -261,10 +293,20 @@ fn reconstruct(cache: &OttCache, layer: usize, d: &KvDump) -> Result<(Vec<f32>, 
         let (dk, dv) = (head.dequantized_keys(), head.dequantized_values());
         for t in 0..n {
             let dst = (t * nkv + h) * hd..(t * nkv + h + 1) * hd;
-            let missing = || Error::InvalidArgument(format!("layer {layer} head {h}: token {t} is not in the cache"));
+            let missing = || {
+                Error::InvalidArgument(format!(
+                    "layer {layer} head {h}: token {t} is not in the cache"
+                ))
+            };
             let row = |x: &[f32]| x.get(t * hd..(t + 1) * hd).map(<[f32]>::to_vec);
-            let kk = head.full_precision_key(t).or_else(|| row(&dk)).ok_or_else(missing)?;
-            let vv = head.full_precision_value(t).or_else(|| row(&dv)).ok_or_else(missing)?;
+            let kk = head
+                .full_precision_key(t)
+                .or_else(|| row(&dk))
+                .ok_or_else(missing)?;
+            let vv = head
+                .full_precision_value(t)
+                .or_else(|| row(&dv))
+                .ok_or_else(missing)?;
             k[dst.clone()].copy_from_slice(&kk);
             v[dst].copy_from_slice(&vv);
         }

@@ -137,19 +137,32 @@ impl Context {
             && nq[2] % nk[2] == 0
             && nq[3] % nk[3] == 0;
         if !ok {
-            return Err(Error::Ggml(format!("flash_attn_ext: q {nq:?} k {nk:?} v {nv:?} do not match")));
+            return Err(Error::Ggml(format!(
+                "flash_attn_ext: q {nq:?} k {nk:?} v {nv:?} do not match"
+            )));
         }
         if let Some(m) = mask {
             let nm = m.ne();
             if m.ty() != sys::GGML_TYPE_F16 || nm[0] != nk[1] || nm[1] < nq[1] {
-                return Err(Error::Ggml(format!("flash_attn_ext: mask {nm:?} does not fit k {nk:?} / q {nq:?}")));
+                return Err(Error::Ggml(format!(
+                    "flash_attn_ext: mask {nm:?} does not fit k {nk:?} / q {nq:?}"
+                )));
             }
         }
         self.check_room(0)?;
         let mp = mask.map_or(std::ptr::null_mut(), |m| m.as_ptr());
         // SAFETY: shapes and types checked as ggml asserts them; all tensors from this context.
         Tensor::from_raw(unsafe {
-            sys::ggml_flash_attn_ext(self.as_ptr(), q.as_ptr(), k.as_ptr(), v.as_ptr(), mp, scale, 0.0, 0.0)
+            sys::ggml_flash_attn_ext(
+                self.as_ptr(),
+                q.as_ptr(),
+                k.as_ptr(),
+                v.as_ptr(),
+                mp,
+                scale,
+                0.0,
+                0.0,
+            )
         })
     }
 
@@ -163,7 +176,10 @@ impl Context {
         let ptr = NonNull::new(graph).ok_or_else(|| Error::Ggml("ggml_new_graph failed".into()))?;
         // SAFETY: graph and tensor are from this context.
         unsafe { sys::ggml_build_forward_expand(graph, out.as_ptr()) };
-        Ok(Graph { ptr, _ctx: PhantomData })
+        Ok(Graph {
+            ptr,
+            _ctx: PhantomData,
+        })
     }
 
     /// Builds the graph ending at `out` and computes it once with `threads` threads.
@@ -286,7 +302,12 @@ impl<'ctx> Tensor<'ctx> {
     pub fn set_bytes(&self, src: &[u8]) -> Result<()> {
         let t = self.raw();
         // SAFETY: valid tensor.
-        let (contig, nbytes) = unsafe { (sys::ggml_is_contiguous(self.as_ptr()), sys::ggml_nbytes(self.as_ptr())) };
+        let (contig, nbytes) = unsafe {
+            (
+                sys::ggml_is_contiguous(self.as_ptr()),
+                sys::ggml_nbytes(self.as_ptr()),
+            )
+        };
         if t.data.is_null() || !contig || nbytes != src.len() {
             return Err(Error::Ggml(format!(
                 "set_bytes: {} bytes for a tensor of {nbytes} (allocated: {}, contiguous: {contig})",

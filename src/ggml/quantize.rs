@@ -22,10 +22,15 @@ pub fn roundtrip(ty: sys::ggml_type, x: &[f32]) -> Result<Vec<f32>> {
         )
     };
     let (Some(to_float), Some(from_float)) = (traits.to_float, cpu.from_float) else {
-        return Err(Error::Ggml(format!("ggml type {ty} has no CPU row quantizer")));
+        return Err(Error::Ggml(format!(
+            "ggml type {ty} has no CPU row quantizer"
+        )));
     };
     if blck == 0 || x.len() % blck != 0 {
-        return Err(Error::Ggml(format!("{} values are not whole blocks of {blck}", x.len())));
+        return Err(Error::Ggml(format!(
+            "{} values are not whole blocks of {blck}",
+            x.len()
+        )));
     }
     // [x.len() / blck] blocks of tsize bytes
     let mut q = vec![0u8; x.len() / blck * tsize];

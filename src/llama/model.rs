@@ -29,6 +29,9 @@ impl LlamaModel {
                 path.display()
             )));
         }
+        // Our parser checks the file first: llama.cpp answers some malformed files with an
+        // assertion that aborts the process.
+        crate::gguf::GgufFile::open(path)?;
         let cpath = CString::new(path.as_os_str().as_encoded_bytes())
             .map_err(|_| Error::Llama(format!("{}: path contains a NUL byte", path.display())))?;
         // SAFETY: returns a plain struct of defaults.

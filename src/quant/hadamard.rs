@@ -49,7 +49,9 @@ mod tests {
     fn matches_llama_cpp_matrix_and_is_an_involution() {
         for n in [1usize, 2, 8, 64, 128] {
             let h = sylvester(n);
-            let x: Vec<f32> = (0..2 * n).map(|i| ((i * 37 % 11) as f32 - 5.0) * 0.3).collect();
+            let x: Vec<f32> = (0..2 * n)
+                .map(|i| ((i * 37 % 11) as f32 - 5.0) * 0.3)
+                .collect();
             let mut y = x.clone();
             hadamard_blocks(&mut y, n);
             for b in 0..2 {

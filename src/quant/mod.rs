@@ -8,11 +8,11 @@ mod hadamard;
 mod minmax;
 mod pack;
 
+pub use hadamard::hadamard_blocks;
 pub use minmax::{
     dequantize_key_group, dequantize_value_row, f16_round, minmax_params, param_min, param_scale,
     quantize_group, quantize_key_group, quantize_one, quantize_value_row,
 };
-pub use hadamard::hadamard_blocks;
 pub use pack::{code_at, pack_codes, unpack_codes};
 
 /// Errors of the quantization primitives (all from checkable public input).
