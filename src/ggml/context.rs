@@ -168,18 +168,26 @@ impl Context {
 
     /// The forward graph ending at `out`, built once and computable many times.
     pub fn build_graph<'c>(&'c self, out: Tensor<'c>) -> Result<Graph<'c>> {
-        // SAFETY: context live.
-        let need = unsafe { sys::ggml_graph_overhead() };
+        let g = self.new_graph(GRAPH_NODES)?;
+        g.expand(out);
+        Ok(g)
+    }
+
+    /// An empty graph of up to `nodes` nodes; `Graph::expand` adds outputs in order.
+    pub fn new_graph(&self, nodes: usize) -> Result<Graph<'_>> {
+        // SAFETY: pure size computation.
+        let need = unsafe { sys::ggml_graph_overhead_custom(nodes, false) };
         self.check_room(need)?;
-        // SAFETY: context live; the graph is allocated in it.
-        let graph = unsafe { sys::ggml_new_graph(self.as_ptr()) };
+        // SAFETY: context live and has room; the graph is allocated in it.
+        let graph = unsafe { sys::ggml_new_graph_custom(self.as_ptr(), nodes, false) };
         let ptr = NonNull::new(graph).ok_or_else(|| Error::Ggml("ggml_new_graph failed".into()))?;
-        // SAFETY: graph and tensor are from this context.
-        unsafe { sys::ggml_build_forward_expand(graph, out.as_ptr()) };
-        Ok(Graph {
-            ptr,
-            _ctx: PhantomData,
-        })
+        Ok(Graph { ptr, _ctx: PhantomData })
+    }
+
+    /// Bytes a context needs for `n` tensor headers plus a graph of `nodes` nodes.
+    pub fn overhead(n_tensors: usize, nodes: usize) -> usize {
+        // SAFETY: pure size computations.
+        unsafe { n_tensors * sys::ggml_tensor_overhead() + sys::ggml_graph_overhead_custom(nodes, false) + 4096 }
     }
 
     /// Builds the graph ending at `out` and computes it once with `threads` threads.
@@ -194,10 +202,65 @@ pub struct Graph<'ctx> {
     _ctx: PhantomData<&'ctx Context>,
 }
 
-impl Graph<'_> {
+/// Node capacity of graphs built by `build_graph` (a 128-layer model needs ~4k).
+pub const GRAPH_NODES: usize = 8192;
+
+impl<'c> Graph<'c> {
+    /// Adds `t` and everything it depends on, after the nodes already in the graph: ggml runs
+    /// nodes in this order, which is how a cache write is placed before the reads of it.
+    pub fn expand(&self, t: Tensor<'c>) {
+        // SAFETY: graph and tensor belong to the same live context ('c).
+        unsafe { sys::ggml_build_forward_expand(self.ptr.as_ptr(), t.as_ptr()) }
+    }
+
     /// Runs the graph on ggml's CPU backend with `threads` threads.
     pub fn compute(&self, threads: usize) -> Result<()> {
         compute_graph(self.ptr.as_ptr(), threads)
+    }
+
+    pub(crate) fn as_ptr(&self) -> *mut sys::ggml_cgraph {
+        self.ptr.as_ptr()
+    }
+}
+
+/// ggml's graph allocator on the CPU buffer type: gives the tensors of a `no_alloc` graph
+/// memory, reusing it between nodes whose lifetimes do not overlap.
+pub struct GraphAllocator {
+    ptr: NonNull<sys::ggml_gallocr>,
+}
+
+// SAFETY: the allocator has no thread affinity; `&mut self` serialises its use.
+unsafe impl Send for GraphAllocator {}
+
+impl GraphAllocator {
+    pub fn new() -> Result<Self> {
+        // SAFETY: the CPU buffer type is a static singleton.
+        let raw = unsafe { sys::ggml_gallocr_new(sys::ggml_backend_cpu_buffer_type()) };
+        let ptr = NonNull::new(raw).ok_or_else(|| Error::Ggml("ggml_gallocr_new failed".into()))?;
+        Ok(Self { ptr })
+    }
+
+    /// Allocates every tensor of `graph` that has no data yet. The memory stays valid until
+    /// the next call or drop; compute the graph before either.
+    pub fn alloc(&mut self, graph: &Graph<'_>) -> Result<()> {
+        // SAFETY: live allocator and graph.
+        if !unsafe { sys::ggml_gallocr_alloc_graph(self.ptr.as_ptr(), graph.as_ptr()) } {
+            return Err(Error::Ggml("graph allocation failed (out of memory?)".into()));
+        }
+        Ok(())
+    }
+
+    /// Bytes of the allocator's buffer.
+    pub fn buffer_size(&self) -> usize {
+        // SAFETY: live allocator; buffer 0 is the only one.
+        unsafe { sys::ggml_gallocr_get_buffer_size(self.ptr.as_ptr(), 0) }
+    }
+}
+
+impl Drop for GraphAllocator {
+    fn drop(&mut self) {
+        // SAFETY: owned, freed once.
+        unsafe { sys::ggml_gallocr_free(self.ptr.as_ptr()) }
     }
 }
 
@@ -238,7 +301,7 @@ pub struct Tensor<'ctx> {
 }
 
 impl<'ctx> Tensor<'ctx> {
-    fn from_raw(raw: *mut sys::ggml_tensor) -> Result<Self> {
+    pub(crate) fn from_raw(raw: *mut sys::ggml_tensor) -> Result<Self> {
         let ptr =
             NonNull::new(raw).ok_or_else(|| Error::Ggml("ggml returned a null tensor".into()))?;
         Ok(Self {
@@ -268,6 +331,59 @@ impl<'ctx> Tensor<'ctx> {
         self.ne().iter().product::<i64>() as usize
     }
 
+    /// Byte strides `nb` (ggml's, per dimension).
+    pub fn nb(&self) -> [usize; 4] {
+        self.raw().nb
+    }
+
+    /// Bytes of `n` elements of this tensor's type in one row.
+    pub fn row_bytes(&self, n: i64) -> usize {
+        // SAFETY: the type comes from a live tensor.
+        unsafe { sys::ggml_row_size(self.ty(), n) }
+    }
+
+    /// Marks the tensor as a graph input (the allocator will not reuse its memory).
+    pub fn set_input(&self) {
+        // SAFETY: valid tensor.
+        unsafe { sys::ggml_set_input(self.as_ptr()) }
+    }
+
+    /// Marks the tensor as a graph output (kept after compute).
+    pub fn set_output(&self) {
+        // SAFETY: valid tensor.
+        unsafe { sys::ggml_set_output(self.as_ptr()) }
+    }
+
+    /// Points a tensor of a `no_alloc` context at memory owned elsewhere (a model's mapping).
+    ///
+    /// # Safety
+    /// `data` must hold exactly this tensor's bytes, outlive every use of the tensor, and not
+    /// be written through it (ggml only reads weights; the mapping is read-only).
+    pub unsafe fn bind_external(&self, data: &[u8]) -> Result<()> {
+        // SAFETY: valid tensor.
+        let nbytes = unsafe { sys::ggml_nbytes(self.as_ptr()) };
+        if nbytes != data.len() || !self.raw().data.is_null() {
+            return Err(Error::Ggml(format!(
+                "bind_external: {} bytes for a tensor of {nbytes} (already bound: {})",
+                data.len(),
+                !self.raw().data.is_null()
+            )));
+        }
+        // SAFETY: we own the only handle writing this field; the caller upholds the rest.
+        unsafe { (*self.as_ptr()).data = data.as_ptr() as *mut std::ffi::c_void };
+        Ok(())
+    }
+
+    /// Raw bytes of an allocated, contiguous tensor.
+    pub fn bytes(&self) -> Result<&[u8]> {
+        // SAFETY: valid tensor.
+        let (contig, nbytes) = unsafe { (sys::ggml_is_contiguous(self.as_ptr()), sys::ggml_nbytes(self.as_ptr())) };
+        if self.raw().data.is_null() || !contig {
+            return Err(Error::Ggml("tensor is not allocated and contiguous".into()));
+        }
+        // SAFETY: allocated and contiguous, nbytes long, alive as long as the context.
+        Ok(unsafe { std::slice::from_raw_parts(self.raw().data as *const u8, nbytes) })
+    }
     fn f32_contiguous(&self) -> Result<()> {
         let t = self.raw();
         if t.type_ != sys::GGML_TYPE_F32 || t.data.is_null() {

@@ -2,12 +2,16 @@
 //! owner types here, and the engine above them.
 
 pub mod context;
+pub mod custom;
 pub mod gguf_reader;
 pub mod log;
+pub mod ops;
 pub mod quantize;
 pub mod sys;
 
-pub use context::{Context, Graph, Tensor};
+pub use context::{Context, Graph, GraphAllocator, Tensor, GRAPH_NODES};
+pub use custom::CustomOp;
+pub use ops::{RopeMode, RopeParams};
 
 use std::ffi::CStr;
 

@@ -1,3 +1,11 @@
-//! Models: random-weight GGUF models of any shape for tests (the engine joins here).
+//! Models on ggml: weights bound over the GGUF mapping, a forward graph per (sub-)batch with a
+//! pluggable KV cache, and random-weight models for tests.
 
+pub mod kv;
+pub mod session;
 pub mod synthetic;
+pub mod weights;
+
+pub use kv::KvKind;
+pub use session::{Logits, Session, SessionParams};
+pub use weights::{Arch, Model};

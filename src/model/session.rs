@@ -1,0 +1,193 @@
+//! A sequence being decoded: the model, a KV cache, the position, and the graph per
+//! (sub-)batch: embeddings → per layer [RMSNorm, Q/K/V (+bias), RoPE, cache write +
+//! attention, output projection, residual, RMSNorm, SwiGLU FFN, residual] → norm → logits.
+
+use super::kv::{Kv, KvKind};
+use super::weights::{Arch, Model, W};
+use crate::error::{Error, Result};
+use crate::ggml::{sys, Context, GraphAllocator, RopeMode, RopeParams, Tensor, GRAPH_NODES};
+
+/// Settings of a decoding session.
+#[derive(Clone, Debug)]
+pub struct SessionParams {
+    /// Most tokens the session can hold.
+    pub n_ctx: usize,
+    /// Most tokens computed in one graph.
+    pub n_batch: usize,
+    pub threads: usize,
+    pub cache: KvKind,
+}
+
+/// Which logits `eval` returns.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Logits {
+    /// Every new token's, `[n][n_vocab]`.
+    All,
+    /// The last new token's, `[n_vocab]`.
+    Last,
+}
+
+pub struct Session<'m> {
+    model: &'m Model,
+    kv: Kv,
+    p: SessionParams,
+    n_past: usize,
+    alloc: GraphAllocator,
+}
+
+impl<'m> Session<'m> {
+    pub fn new(model: &'m Model, p: SessionParams) -> Result<Self> {
+        if p.n_ctx == 0 || p.n_batch == 0 {
+            return Err(Error::InvalidArgument("n_ctx and n_batch must be positive".into()));
+        }
+        let kv = Kv::new(&p.cache, &model.hparams, p.n_ctx)?;
+        Ok(Self { model, kv, p, n_past: 0, alloc: GraphAllocator::new()? })
+    }
+
+    pub fn n_past(&self) -> usize {
+        self.n_past
+    }
+
+    pub fn n_ctx(&self) -> usize {
+        self.p.n_ctx
+    }
+
+    /// KV-cache bytes allocated now.
+    pub fn kv_bytes(&self) -> usize {
+        self.kv.bytes()
+    }
+
+    /// Forgets every token: the next `eval` starts at position 0.
+    pub fn reset(&mut self) -> Result<()> {
+        self.kv.reset()?;
+        self.n_past = 0;
+        Ok(())
+    }
+
+    /// Runs `tokens` after what the session holds and returns their logits.
+    pub fn eval(&mut self, tokens: &[i32], logits: Logits) -> Result<Vec<f32>> {
+        let end = self.n_past + tokens.len();
+        if end > self.p.n_ctx {
+            return Err(Error::ContextOverflow { needed: end, n_ctx: self.p.n_ctx });
+        }
+        let n_vocab = self.model.hparams.vocab_size as usize;
+        if let Some(&t) = tokens.iter().find(|&&t| t < 0 || t as usize >= n_vocab) {
+            return Err(Error::InvalidArgument(format!("token id {t} outside the vocabulary (0..{n_vocab})")));
+        }
+        let mut out = Vec::with_capacity(n_vocab * if logits == Logits::All { tokens.len() } else { 1 });
+        let mut done = 0;
+        while done < tokens.len() {
+            let batch = &tokens[done..(done + self.p.n_batch).min(tokens.len())];
+            for r in self.kv.plan(self.n_past, batch.len())? {
+                let last = done + r.end == tokens.len();
+                let sub = &batch[r];
+                let want = match logits {
+                    Logits::All => Some(false),
+                    Logits::Last if last => Some(true),
+                    Logits::Last => None,
+                };
+                let l = self.run(sub, want)?;
+                out.extend_from_slice(&l);
+                self.n_past += sub.len();
+            }
+            done += batch.len();
+        }
+        Ok(out)
+    }
+
+    /// One graph: `tokens` at positions n_past.., logits of all (`Some(false)`), of the last
+    /// (`Some(true)`) or of none (`None`).
+    fn run(&mut self, tokens: &[i32], logits: Option<bool>) -> Result<Vec<f32>> {
+        let m = self.model;
+        let hp = &m.hparams;
+        let n = tokens.len();
+        let (hd, nh, nkv) = (hp.head_dim_k as i64, hp.n_head as i64, hp.n_head_kv as i64);
+        let scale = 1.0 / (hd as f32).sqrt();
+        let ops = self.kv.ops(hp.n_layer as usize, n, nh as usize, scale);
+        let ctx = Context::new(Context::overhead(GRAPH_NODES, GRAPH_NODES), true)?;
+        let graph = ctx.new_graph(GRAPH_NODES)?;
+
+        let inp_tok = ctx.new_tensor(sys::GGML_TYPE_I32, &[n as i64])?;
+        let inp_pos = ctx.new_tensor(sys::GGML_TYPE_I32, &[n as i64])?;
+        inp_tok.set_input();
+        inp_pos.set_input();
+        let kv_inp = self.kv.inputs(&ctx, self.n_past, n)?;
+        let rope = RopeParams {
+            n_dims: hp.rope_dim as i32,
+            mode: if m.arch == Arch::Qwen2 { RopeMode::Neox } else { RopeMode::Normal },
+            n_ctx_orig: hp.n_ctx_train as i32,
+            freq_base: hp.rope_freq_base,
+            freq_scale: hp.rope_freq_scale,
+            ext_factor: 0.0,
+            attn_factor: 1.0,
+            beta_fast: 32.0,
+            beta_slow: 1.0,
+        };
+        let eps = hp.rms_norm_eps;
+        let lin = |w, x| linear(&ctx, m, w, x);
+        let with_bias = |x, b| bias(&ctx, m, x, b);
+
+        // [n_embd, n]
+        let mut x = ctx.get_rows(m.t(m.tok_embd), inp_tok)?;
+        for (l, lw) in m.layers.iter().enumerate() {
+            let cur = ctx.mul(ctx.rms_norm(x, eps)?, m.t(lw.attn_norm))?;
+            let q = with_bias(lin(lw.wq, cur)?, lw.bq)?;
+            let k = with_bias(lin(lw.wk, cur)?, lw.bk)?;
+            let v = with_bias(lin(lw.wv, cur)?, lw.bv)?;
+            let q = ctx.rope(ctx.reshape_3d(q, hd, nh, n as i64)?, inp_pos, &rope)?;
+            let k = ctx.rope(ctx.reshape_3d(k, hd, nkv, n as i64)?, inp_pos, &rope)?;
+            let v = ctx.reshape_3d(v, hd, nkv, n as i64)?;
+            let att = self.kv.attention(&ctx, &graph, &kv_inp, ops.as_ref(), l, q, k, v, scale)?;
+            x = ctx.add(lin(lw.wo, att)?, x)?;
+            let cur = ctx.mul(ctx.rms_norm(x, eps)?, m.t(lw.ffn_norm))?;
+            let ff = ctx.swiglu_split(lin(lw.ffn_gate, cur)?, lin(lw.ffn_up, cur)?)?;
+            x = ctx.add(lin(lw.ffn_down, ff)?, x)?;
+        }
+        let inp_out = match logits {
+            Some(true) => {
+                let ids = ctx.new_tensor(sys::GGML_TYPE_I32, &[1])?;
+                ids.set_input();
+                x = ctx.get_rows(x, ids)?;
+                Some(ids)
+            }
+            _ => None,
+        };
+        let out = if logits.is_some() {
+            let xn = ctx.mul(ctx.rms_norm(x, eps)?, m.t(m.output_norm))?;
+            lin(m.output, xn)?
+        } else {
+            x
+        };
+        out.set_output();
+        graph.expand(out);
+        self.alloc.alloc(&graph)?;
+
+        let bytes = |v: &[i32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+        inp_tok.set_bytes(&bytes(tokens))?;
+        let pos: Vec<i32> = (self.n_past..self.n_past + n).map(|p| p as i32).collect();
+        inp_pos.set_bytes(&bytes(&pos))?;
+        if let Some(ids) = inp_out {
+            ids.set_bytes(&bytes(&[n as i32 - 1]))?;
+        }
+        self.kv.fill_inputs(&kv_inp, self.n_past, n)?;
+        graph.compute(self.p.threads)?;
+        if let Some(e) = self.kv.take_error() {
+            return Err(Error::InvalidArgument(format!("KV cache: {e}")));
+        }
+        if logits.is_none() {
+            return Ok(Vec::new());
+        }
+        out.to_vec_f32()
+    }
+}
+
+fn linear<'c>(ctx: &'c Context, m: &'c Model, w: W, x: Tensor<'c>) -> Result<Tensor<'c>> {
+    ctx.mul_mat(m.t(w), x)
+}
+
+fn bias<'c>(ctx: &'c Context, m: &'c Model, x: Tensor<'c>, b: Option<W>) -> Result<Tensor<'c>> {
+    match b {
+        Some(b) => ctx.add(x, m.t(b)),
+        None => Ok(x),
+    }
+}
