@@ -1,7 +1,9 @@
 //! The command line: one module per subcommand. Errors become one line on stderr and exit
 //! status 1 (usage errors: 2, from clap); nothing panics on user input.
 
+mod compare;
 mod dump_kv;
+mod generate;
 mod inspect;
 mod kv_error;
 
@@ -26,6 +28,12 @@ enum Command {
     DumpKv(dump_kv::Args),
     /// Replay a K/V dump through each cache type: reconstruction and attention-output error.
     KvError(kv_error::Args),
+    /// Generate text with our engine and a chosen KV cache.
+    Generate(generate::Args),
+    /// Perplexity with llama-perplexity's protocol, for one or more caches.
+    Perplexity(compare::PerplexityArgs),
+    /// Quality, memory and speed of every cache type against llama.cpp's own, in one run.
+    Compare(compare::CompareArgs),
 }
 
 /// Runs the command line and returns the process exit status.
@@ -41,6 +49,9 @@ pub fn main() -> i32 {
         Command::Inspect(a) => inspect::run(&a),
         Command::DumpKv(a) => dump_kv::run(&a),
         Command::KvError(a) => kv_error::run(&a),
+        Command::Generate(a) => generate::run(&a),
+        Command::Perplexity(a) => compare::perplexity(&a),
+        Command::Compare(a) => compare::compare(&a),
     });
     match result {
         Ok(Ok(())) => 0,

@@ -11,7 +11,11 @@ pub fn log_softmax(logits: &[f32]) -> Vec<f64> {
 /// KL(p ‖ q) of the distributions behind two logit rows: reference p, approximation q.
 pub fn kl_divergence(p_logits: &[f32], q_logits: &[f32]) -> f64 {
     let (lp, lq) = (log_softmax(p_logits), log_softmax(q_logits));
-    lp.iter().zip(&lq).map(|(a, b)| a.exp() * (a - b)).sum::<f64>().max(0.0)
+    lp.iter()
+        .zip(&lq)
+        .map(|(a, b)| a.exp() * (a - b))
+        .sum::<f64>()
+        .max(0.0)
 }
 
 /// Index of the largest logit (first on ties).
@@ -30,7 +34,10 @@ pub fn compare_rows(reference: &[f32], other: &[f32], n_vocab: usize) -> (Vec<f6
     let rows = reference.len() / n_vocab;
     let mut klds = Vec::with_capacity(rows);
     let mut same = 0usize;
-    for (a, b) in reference.chunks_exact(n_vocab).zip(other.chunks_exact(n_vocab)) {
+    for (a, b) in reference
+        .chunks_exact(n_vocab)
+        .zip(other.chunks_exact(n_vocab))
+    {
         klds.push(kl_divergence(a, b));
         same += (argmax(a) == argmax(b)) as usize;
     }

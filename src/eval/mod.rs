@@ -1,7 +1,10 @@
 //! Measurement: memory (and, with the engine, perplexity, KL divergence and speed).
 
 pub mod attention;
+pub mod compare;
 pub mod kld;
 pub mod kv_error;
 pub mod kvdump;
 pub mod memory;
+pub mod perplexity;
+pub mod runner;

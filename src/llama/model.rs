@@ -77,6 +77,12 @@ impl LlamaModel {
         unsafe { sys::llama_vocab_get_add_bos(self.vocab()) }
     }
 
+    /// Whether `token` ends generation (EOS, EOT, ...).
+    pub fn is_eog(&self, token: Token) -> bool {
+        // SAFETY: vocab pointer from a live model; any id is accepted.
+        unsafe { sys::llama_vocab_is_eog(self.vocab(), token) }
+    }
+
     /// llama.cpp's tokenization of `text`; `add_special` adds BOS/EOS per the model's settings.
     pub fn tokenize(&self, text: &str, add_special: bool) -> Result<Vec<Token>> {
         let len = i32::try_from(text.len()).map_err(|_| {

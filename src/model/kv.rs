@@ -34,8 +34,13 @@ impl KvKind {
             _ => None,
         };
         match ty {
-            Some(ty) => Ok(KvKind::Ggml { ty, rotate: rotate && ty != sys::GGML_TYPE_F16 }),
-            None if !rotate => Err(Error::InvalidArgument(format!("-norot applies to ggml cache types, not {base}"))),
+            Some(ty) => Ok(KvKind::Ggml {
+                ty,
+                rotate: rotate && ty != sys::GGML_TYPE_F16,
+            }),
+            None if !rotate => Err(Error::InvalidArgument(format!(
+                "-norot applies to ggml cache types, not {base}"
+            ))),
             None => Ok(KvKind::Ott(name.parse::<CacheConfig>()?)),
         }
     }
@@ -97,11 +102,18 @@ impl GgmlKv {
             )));
         }
         let row = hd * hp.n_head_kv as usize;
+        // llama.cpp rounds its cache up to whole 256-cell pads; the same cell count gives the
+        // same attended lengths, hence bit-identical flash attention.
+        let n_ctx = n_ctx.div_ceil(256) * 256;
         let (rk, rv) = if rotate { llama_rotation(hd) } else { (0, 0) };
         // SAFETY: pure size computation.
-        let bytes = 2 * hp.n_layer as usize * unsafe { sys::ggml_row_size(ty, (row * n_ctx) as i64) };
+        let bytes =
+            2 * hp.n_layer as usize * unsafe { sys::ggml_row_size(ty, (row * n_ctx) as i64) };
         let rot_bytes = 4 * (rk * rk + rv * rv);
-        let ctx = Context::new(bytes + rot_bytes + Context::overhead(2 * hp.n_layer as usize + 4, 0), false)?;
+        let ctx = Context::new(
+            bytes + rot_bytes + Context::overhead(2 * hp.n_layer as usize + 4, 0),
+            false,
+        )?;
         let mut k = Vec::new();
         let mut v = Vec::new();
         for _ in 0..hp.n_layer {
@@ -122,7 +134,15 @@ impl GgmlKv {
             Ok(Some(t.as_ptr()))
         };
         let (rot_k, rot_v) = (rot(rk)?, rot(rv)?);
-        Ok(Self { ctx, k, v, rot_k, rot_v, n_ctx, bytes })
+        Ok(Self {
+            ctx,
+            k,
+            v,
+            rot_k,
+            rot_v,
+            n_ctx,
+            bytes,
+        })
     }
 
     fn t<'c>(&'c self, p: *mut sys::ggml_tensor) -> Tensor<'c> {
@@ -140,10 +160,19 @@ struct OttWrite<'a> {
 }
 
 impl CustomOp for OttWrite<'_> {
-    fn compute(&self, args: &[&[f32]], _: Range<usize>, out: &mut [f32]) -> std::result::Result<(), String> {
+    fn compute(
+        &self,
+        args: &[&[f32]],
+        _: Range<usize>,
+        out: &mut [f32],
+    ) -> std::result::Result<(), String> {
         out.fill(0.0);
-        let mut c = self.cache.write().map_err(|_| "cache lock poisoned".to_string())?;
-        c.append(self.layer, args[0], args[1], self.n).map_err(|e| e.to_string())
+        let mut c = self
+            .cache
+            .write()
+            .map_err(|_| "cache lock poisoned".to_string())?;
+        c.append(self.layer, args[0], args[1], self.n)
+            .map_err(|e| e.to_string())
     }
     fn fail(&self, msg: String) {
         record(self.err, msg);
@@ -164,12 +193,29 @@ struct OttAttend<'a> {
 }
 
 impl CustomOp for OttAttend<'_> {
-    fn compute(&self, args: &[&[f32]], rows: Range<usize>, out: &mut [f32]) -> std::result::Result<(), String> {
+    fn compute(
+        &self,
+        args: &[&[f32]],
+        rows: Range<usize>,
+        out: &mut [f32],
+    ) -> std::result::Result<(), String> {
         if rows.is_empty() {
             return Ok(());
         }
-        let c = self.cache.read().map_err(|_| "cache lock poisoned".to_string())?;
-        c.attend(self.layer, args[0], self.n, self.n_head, self.scale, rows, out).map_err(|e| e.to_string())
+        let c = self
+            .cache
+            .read()
+            .map_err(|_| "cache lock poisoned".to_string())?;
+        c.attend(
+            self.layer,
+            args[0],
+            self.n,
+            self.n_head,
+            self.scale,
+            rows,
+            out,
+        )
+        .map_err(|e| e.to_string())
     }
     fn fail(&self, msg: String) {
         record(self.err, msg);
@@ -212,7 +258,10 @@ impl Kv {
                     head_dim: hp.head_dim_k as usize,
                     max_tokens: n_ctx,
                 };
-                Ok(Kv::Ott(OttKv { cache: RwLock::new(OttCache::new(cfg.clone(), shape)?), err: Mutex::new(None) }))
+                Ok(Kv::Ott(OttKv {
+                    cache: RwLock::new(OttCache::new(cfg.clone(), shape)?),
+                    err: Mutex::new(None),
+                }))
             }
         }
     }
@@ -233,8 +282,13 @@ impl Kv {
                 }
             }
             Kv::Ott(o) => {
-                o.cache.get_mut().map_err(|_| Error::InvalidArgument("cache lock poisoned".into()))?.reset();
-                *o.err.get_mut().map_err(|_| Error::InvalidArgument("lock poisoned".into()))? = None;
+                o.cache
+                    .get_mut()
+                    .map_err(|_| Error::InvalidArgument("cache lock poisoned".into()))?
+                    .reset();
+                *o.err
+                    .get_mut()
+                    .map_err(|_| Error::InvalidArgument("lock poisoned".into()))? = None;
             }
         }
         Ok(())
@@ -246,7 +300,10 @@ impl Kv {
         match self {
             Kv::Ggml(_) => Ok(vec![0..n]),
             Kv::Ott(o) => {
-                let c = o.cache.read().map_err(|_| Error::InvalidArgument("cache lock poisoned".into()))?;
+                let c = o
+                    .cache
+                    .read()
+                    .map_err(|_| Error::InvalidArgument("cache lock poisoned".into()))?;
                 debug_assert_eq!(c.layer_len(0).unwrap_or(0), n_past);
                 Ok(c.plan_subbatches(0, n)?)
             }
@@ -257,9 +314,23 @@ impl Kv {
     pub fn ops(&self, n_layer: usize, n: usize, n_head: usize, scale: f32) -> Option<OttOps<'_>> {
         let Kv::Ott(o) = self else { return None };
         Some(OttOps {
-            writes: (0..n_layer).map(|layer| OttWrite { cache: &o.cache, layer, n, err: &o.err }).collect(),
+            writes: (0..n_layer)
+                .map(|layer| OttWrite {
+                    cache: &o.cache,
+                    layer,
+                    n,
+                    err: &o.err,
+                })
+                .collect(),
             attends: (0..n_layer)
-                .map(|layer| OttAttend { cache: &o.cache, layer, n, n_head, scale, err: &o.err })
+                .map(|layer| OttAttend {
+                    cache: &o.cache,
+                    layer,
+                    n,
+                    n_head,
+                    scale,
+                    err: &o.err,
+                })
                 .collect(),
         })
     }
@@ -270,21 +341,35 @@ impl Kv {
             Kv::Ggml(g) => {
                 // llama.cpp pads the attended length to 256 cells so graphs repeat; masked
                 // cells contribute exactly zero, so the padding only keeps the shapes alike.
-                let n_kv = (n_past + n).div_ceil(256).saturating_mul(256).min(g.n_ctx);
+                let n_kv = (n_past + n)
+                    .div_ceil(256)
+                    .max(1)
+                    .saturating_mul(256)
+                    .min(g.n_ctx);
                 let idxs = ctx.new_tensor(sys::GGML_TYPE_I64, &[n as i64])?;
                 let mask = ctx.new_tensor(sys::GGML_TYPE_F16, &[n_kv as i64, n as i64])?;
                 idxs.set_input();
                 mask.set_input();
-                Ok(KvInputs { idxs: Some(idxs), mask: Some(mask), n_kv })
+                Ok(KvInputs {
+                    idxs: Some(idxs),
+                    mask: Some(mask),
+                    n_kv,
+                })
             }
-            Kv::Ott(_) => Ok(KvInputs { idxs: None, mask: None, n_kv: n_past + n }),
+            Kv::Ott(_) => Ok(KvInputs {
+                idxs: None,
+                mask: None,
+                n_kv: n_past + n,
+            }),
         }
     }
 
     /// Fills the inputs once the graph is allocated.
     pub fn fill_inputs(&self, inp: &KvInputs<'_>, n_past: usize, n: usize) -> Result<()> {
         if let (Some(idxs), Some(mask)) = (inp.idxs, inp.mask) {
-            let ids: Vec<u8> = (n_past..n_past + n).flat_map(|p| (p as i64).to_le_bytes()).collect();
+            let ids: Vec<u8> = (n_past..n_past + n)
+                .flat_map(|p| (p as i64).to_le_bytes())
+                .collect();
             idxs.set_bytes(&ids)?;
             // [n][n_kv]: query i (position n_past + i) sees cells 0..=n_past + i.
             let (zero, ninf) = (f16::ZERO.to_le_bytes(), f16::NEG_INFINITY.to_le_bytes());
@@ -328,7 +413,10 @@ impl Kv {
                     ctx.reshape_3d(y, ne[0], ne[1], ne[2])
                 };
                 let (q, k, v) = (rot(q, g.rot_k)?, rot(k, g.rot_k)?, rot(v, g.rot_v)?);
-                let (idxs, mask) = (inp.idxs.expect("ggml inputs"), inp.mask.expect("ggml inputs"));
+                let (idxs, mask) = (
+                    inp.idxs.expect("ggml inputs"),
+                    inp.mask.expect("ggml inputs"),
+                );
                 let (kc, vc) = (g.t(g.k[layer]), g.t(g.v[layer]));
                 graph.expand(ctx.set_rows(kc, ctx.reshape_2d(k, hd * nkv, n)?, idxs)?);
                 graph.expand(ctx.set_rows(vc, ctx.reshape_2d(v, hd * nkv, n)?, idxs)?);
@@ -350,7 +438,10 @@ impl Kv {
                     Some(r) => {
                         let h = g.t(r);
                         let m = h.ne()[0];
-                        let y = ctx.mul_mat_hadamard(h, ctx.reshape_2d(o, m, o.n_elements() as i64 / m)?)?;
+                        let y = ctx.mul_mat_hadamard(
+                            h,
+                            ctx.reshape_2d(o, m, o.n_elements() as i64 / m)?,
+                        )?;
                         ctx.reshape_2d(y, hd * nh, n)
                     }
                 }

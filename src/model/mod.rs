@@ -2,6 +2,7 @@
 //! pluggable KV cache, and random-weight models for tests.
 
 pub mod kv;
+pub mod sample;
 pub mod session;
 pub mod synthetic;
 pub mod weights;

@@ -38,10 +38,18 @@ pub struct Session<'m> {
 impl<'m> Session<'m> {
     pub fn new(model: &'m Model, p: SessionParams) -> Result<Self> {
         if p.n_ctx == 0 || p.n_batch == 0 {
-            return Err(Error::InvalidArgument("n_ctx and n_batch must be positive".into()));
+            return Err(Error::InvalidArgument(
+                "n_ctx and n_batch must be positive".into(),
+            ));
         }
         let kv = Kv::new(&p.cache, &model.hparams, p.n_ctx)?;
-        Ok(Self { model, kv, p, n_past: 0, alloc: GraphAllocator::new()? })
+        Ok(Self {
+            model,
+            kv,
+            p,
+            n_past: 0,
+            alloc: GraphAllocator::new()?,
+        })
     }
 
     pub fn n_past(&self) -> usize {
@@ -68,13 +76,25 @@ impl<'m> Session<'m> {
     pub fn eval(&mut self, tokens: &[i32], logits: Logits) -> Result<Vec<f32>> {
         let end = self.n_past + tokens.len();
         if end > self.p.n_ctx {
-            return Err(Error::ContextOverflow { needed: end, n_ctx: self.p.n_ctx });
+            return Err(Error::ContextOverflow {
+                needed: end,
+                n_ctx: self.p.n_ctx,
+            });
         }
         let n_vocab = self.model.hparams.vocab_size as usize;
         if let Some(&t) = tokens.iter().find(|&&t| t < 0 || t as usize >= n_vocab) {
-            return Err(Error::InvalidArgument(format!("token id {t} outside the vocabulary (0..{n_vocab})")));
+            return Err(Error::InvalidArgument(format!(
+                "token id {t} outside the vocabulary (0..{n_vocab})"
+            )));
         }
-        let mut out = Vec::with_capacity(n_vocab * if logits == Logits::All { tokens.len() } else { 1 });
+        let mut out = Vec::with_capacity(
+            n_vocab
+                * if logits == Logits::All {
+                    tokens.len()
+                } else {
+                    1
+                },
+        );
         let mut done = 0;
         while done < tokens.len() {
             let batch = &tokens[done..(done + self.p.n_batch).min(tokens.len())];
@@ -114,7 +134,11 @@ impl<'m> Session<'m> {
         let kv_inp = self.kv.inputs(&ctx, self.n_past, n)?;
         let rope = RopeParams {
             n_dims: hp.rope_dim as i32,
-            mode: if m.arch == Arch::Qwen2 { RopeMode::Neox } else { RopeMode::Normal },
+            mode: if m.arch == Arch::Qwen2 {
+                RopeMode::Neox
+            } else {
+                RopeMode::Normal
+            },
             n_ctx_orig: hp.n_ctx_train as i32,
             freq_base: hp.rope_freq_base,
             freq_scale: hp.rope_freq_scale,
@@ -137,7 +161,9 @@ impl<'m> Session<'m> {
             let q = ctx.rope(ctx.reshape_3d(q, hd, nh, n as i64)?, inp_pos, &rope)?;
             let k = ctx.rope(ctx.reshape_3d(k, hd, nkv, n as i64)?, inp_pos, &rope)?;
             let v = ctx.reshape_3d(v, hd, nkv, n as i64)?;
-            let att = self.kv.attention(&ctx, &graph, &kv_inp, ops.as_ref(), l, q, k, v, scale)?;
+            let att = self
+                .kv
+                .attention(&ctx, &graph, &kv_inp, ops.as_ref(), l, q, k, v, scale)?;
             x = ctx.add(lin(lw.wo, att)?, x)?;
             let cur = ctx.mul(ctx.rms_norm(x, eps)?, m.t(lw.ffn_norm))?;
             let ff = ctx.swiglu_split(lin(lw.ffn_gate, cur)?, lin(lw.ffn_up, cur)?)?;

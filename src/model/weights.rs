@@ -85,7 +85,10 @@ impl Model {
         let bind = |name: &str, dims: &[u64], required: bool| -> Result<Option<W>> {
             let Some(info) = file.gguf().tensor(name) else {
                 return if required {
-                    Err(Error::InvalidArgument(format!("{}: missing tensor {name}", path.display())))
+                    Err(Error::InvalidArgument(format!(
+                        "{}: missing tensor {name}",
+                        path.display()
+                    )))
                 } else {
                     Ok(None)
                 };
@@ -113,9 +116,13 @@ impl Model {
             // lives in `file`'s mapping which outlives `ctx` (field order), and ggml only
             // reads weights.
             unsafe { t.bind_external(file.tensor_data(name)?)? };
-            Ok(Some(W(NonNull::new(t.as_ptr()).expect("tensor pointer is non-null"))))
+            Ok(Some(W(
+                NonNull::new(t.as_ptr()).expect("tensor pointer is non-null")
+            )))
         };
-        let req = |name: &str, dims: &[u64]| -> Result<W> { Ok(bind(name, dims, true)?.expect("required")) };
+        let req = |name: &str, dims: &[u64]| -> Result<W> {
+            Ok(bind(name, dims, true)?.expect("required"))
+        };
         let tok_embd = req("token_embd.weight", &[e, vocab])?;
         let output_norm = req("output_norm.weight", &[e])?;
         let output = bind("output.weight", &[e, vocab], false)?.unwrap_or(tok_embd);
@@ -139,7 +146,16 @@ impl Model {
                 ffn_down: req(&n("ffn_down.weight"), &[ff, e])?,
             });
         }
-        Ok(Model { ctx, tok_embd, output_norm, output, layers, arch, hparams: hp, file })
+        Ok(Model {
+            ctx,
+            tok_embd,
+            output_norm,
+            output,
+            layers,
+            arch,
+            hparams: hp,
+            file,
+        })
     }
 
     /// The tensor behind a weight handle, borrowed from the model.

@@ -1,0 +1,160 @@
+//! A "row" of an evaluation: an engine (llama.cpp itself, or ours) with a cache type, able to
+//! produce the logits of a chunk of tokens from an empty cache.
+
+use crate::error::{Error, Result};
+use crate::llama::{CacheType, LlamaContext, LlamaContextParams, LlamaModel};
+use crate::model::{KvKind, Logits, Model, Session, SessionParams};
+
+/// Which engine runs a row.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub enum Engine {
+    #[serde(rename = "llama.cpp")]
+    Llama,
+    #[serde(rename = "ottkv")]
+    Ours,
+}
+
+impl Engine {
+    pub fn name(self) -> &'static str {
+        match self {
+            Engine::Llama => "llama.cpp",
+            Engine::Ours => "ottkv",
+        }
+    }
+}
+
+/// An engine + cache pair, parsed from `llama.cpp:q4_0` / `llama:q4_0` (llama.cpp's own cache)
+/// or a plain cache name (ours).
+#[derive(Clone, Debug)]
+pub struct RowSpec {
+    pub engine: Engine,
+    pub cache: String,
+}
+
+impl RowSpec {
+    pub fn parse(s: &str) -> Result<Self> {
+        let s = s.trim();
+        for prefix in ["llama.cpp:", "llama:"] {
+            if let Some(c) = s.strip_prefix(prefix) {
+                CacheType::parse(c).ok_or_else(|| {
+                    Error::InvalidArgument(format!(
+                        "llama.cpp cache types are f16, q8_0, q4_0, q2_0; not {c:?}"
+                    ))
+                })?;
+                return Ok(RowSpec {
+                    engine: Engine::Llama,
+                    cache: c.to_string(),
+                });
+            }
+        }
+        KvKind::parse(s)?;
+        Ok(RowSpec {
+            engine: Engine::Ours,
+            cache: s.to_string(),
+        })
+    }
+
+    pub fn label(&self) -> String {
+        format!("{} {}", self.engine.name(), self.cache)
+    }
+}
+
+/// Produces the logits of `[first, n)` of a chunk of n tokens, decoded from an empty cache.
+pub trait ChunkRunner {
+    /// `[n - first][n_vocab]` logits of positions first..n-1.
+    fn run(&mut self, tokens: &[i32], first: usize) -> Result<Vec<f32>>;
+    /// KV-cache bytes allocated now (after a run: for a full chunk).
+    fn kv_bytes(&self) -> usize;
+}
+
+struct LlamaRunner<'m> {
+    ctx: LlamaContext<'m>,
+    n_vocab: usize,
+    bytes_per_token: f64,
+    n_ctx: usize,
+}
+
+impl ChunkRunner for LlamaRunner<'_> {
+    fn run(&mut self, tokens: &[i32], first: usize) -> Result<Vec<f32>> {
+        self.ctx.clear();
+        let mut l = self.ctx.decode_all_logits(tokens)?;
+        l.drain(..first * self.n_vocab);
+        Ok(l)
+    }
+    fn kv_bytes(&self) -> usize {
+        (self.bytes_per_token * self.n_ctx as f64) as usize
+    }
+}
+
+struct OurRunner<'m> {
+    s: Session<'m>,
+    n_vocab: usize,
+}
+
+impl ChunkRunner for OurRunner<'_> {
+    fn run(&mut self, tokens: &[i32], first: usize) -> Result<Vec<f32>> {
+        self.s.reset()?;
+        let mut l = self.s.eval(tokens, Logits::All)?;
+        l.drain(..first * self.n_vocab);
+        Ok(l)
+    }
+    fn kv_bytes(&self) -> usize {
+        self.s.kv_bytes()
+    }
+}
+
+/// Builds the runner of a row for chunks of `n_ctx` tokens.
+pub fn make_runner<'m>(
+    spec: &RowSpec,
+    llama: &'m LlamaModel,
+    ours: &'m Model,
+    n_ctx: usize,
+    n_batch: usize,
+    threads: usize,
+) -> Result<Box<dyn ChunkRunner + 'm>> {
+    let n_vocab = llama.n_vocab();
+    match spec.engine {
+        Engine::Llama => {
+            let ct = CacheType::parse(&spec.cache).expect("validated by RowSpec::parse");
+            let p = LlamaContextParams {
+                n_ctx: n_ctx as u32,
+                n_batch: n_batch as u32,
+                threads,
+                cache_k: ct,
+                cache_v: ct,
+            };
+            let ctx = LlamaContext::new(llama, &p)?;
+            let hp = &ours.hparams;
+            // llama.cpp allocates cells for n_ctx rounded up to 256; per token, K and V.
+            let elems = 2.0 * hp.n_layer as f64 * hp.n_head_kv as f64 * hp.head_dim_k as f64;
+            let (bytes, blck) = match ct {
+                CacheType::F16 => (2.0, 1.0),
+                CacheType::Q8_0 => (34.0, 32.0),
+                CacheType::Q4_0 => (18.0, 32.0),
+                CacheType::Q2_0 => (
+                    crate::gguf::GgmlType::Q2_0.type_size() as f64,
+                    crate::gguf::GgmlType::Q2_0.block_size() as f64,
+                ),
+            };
+            let cells = n_ctx.div_ceil(256) * 256;
+            Ok(Box::new(LlamaRunner {
+                ctx,
+                n_vocab,
+                bytes_per_token: elems * bytes / blck * cells as f64 / n_ctx as f64,
+                n_ctx,
+            }))
+        }
+        Engine::Ours => {
+            let sp = SessionParams {
+                n_ctx,
+                n_batch,
+                threads,
+                cache: KvKind::parse(&spec.cache)?,
+            };
+            Ok(Box::new(OurRunner {
+                s: Session::new(ours, sp)?,
+                n_vocab,
+            }))
+        }
+    }
+}
