@@ -181,13 +181,20 @@ impl Context {
         // SAFETY: context live and has room; the graph is allocated in it.
         let graph = unsafe { sys::ggml_new_graph_custom(self.as_ptr(), nodes, false) };
         let ptr = NonNull::new(graph).ok_or_else(|| Error::Ggml("ggml_new_graph failed".into()))?;
-        Ok(Graph { ptr, _ctx: PhantomData })
+        Ok(Graph {
+            ptr,
+            _ctx: PhantomData,
+        })
     }
 
     /// Bytes a context needs for `n` tensor headers plus a graph of `nodes` nodes.
     pub fn overhead(n_tensors: usize, nodes: usize) -> usize {
         // SAFETY: pure size computations.
-        unsafe { n_tensors * sys::ggml_tensor_overhead() + sys::ggml_graph_overhead_custom(nodes, false) + 4096 }
+        unsafe {
+            n_tensors * sys::ggml_tensor_overhead()
+                + sys::ggml_graph_overhead_custom(nodes, false)
+                + 4096
+        }
     }
 
     /// Builds the graph ending at `out` and computes it once with `threads` threads.
@@ -245,7 +252,9 @@ impl GraphAllocator {
     pub fn alloc(&mut self, graph: &Graph<'_>) -> Result<()> {
         // SAFETY: live allocator and graph.
         if !unsafe { sys::ggml_gallocr_alloc_graph(self.ptr.as_ptr(), graph.as_ptr()) } {
-            return Err(Error::Ggml("graph allocation failed (out of memory?)".into()));
+            return Err(Error::Ggml(
+                "graph allocation failed (out of memory?)".into(),
+            ));
         }
         Ok(())
     }
@@ -377,7 +386,12 @@ impl<'ctx> Tensor<'ctx> {
     /// Raw bytes of an allocated, contiguous tensor.
     pub fn bytes(&self) -> Result<&[u8]> {
         // SAFETY: valid tensor.
-        let (contig, nbytes) = unsafe { (sys::ggml_is_contiguous(self.as_ptr()), sys::ggml_nbytes(self.as_ptr())) };
+        let (contig, nbytes) = unsafe {
+            (
+                sys::ggml_is_contiguous(self.as_ptr()),
+                sys::ggml_nbytes(self.as_ptr()),
+            )
+        };
         if self.raw().data.is_null() || !contig {
             return Err(Error::Ggml("tensor is not allocated and contiguous".into()));
         }

@@ -14,7 +14,12 @@ use std::ops::Range;
 pub trait CustomOp: Sync {
     /// Computes the output rows `rows` (rows are `ne[0]` floats; flattened over ne[1..]) into
     /// `out`, which holds exactly those rows. `args` are the op's inputs, f32, contiguous.
-    fn compute(&self, args: &[&[f32]], rows: Range<usize>, out: &mut [f32]) -> std::result::Result<(), String>;
+    fn compute(
+        &self,
+        args: &[&[f32]],
+        rows: Range<usize>,
+        out: &mut [f32],
+    ) -> std::result::Result<(), String>;
     /// Records a failure; the graph's owner checks for it after compute.
     fn fail(&self, msg: String);
     /// Whether the rows may be split over ggml's threads; if not, thread 0 alone computes them
@@ -22,7 +27,12 @@ pub trait CustomOp: Sync {
     fn parallel(&self) -> bool;
 }
 
-unsafe extern "C" fn trampoline<T: CustomOp>(dst: *mut sys::ggml_tensor, ith: c_int, nth: c_int, user: *mut c_void) {
+unsafe extern "C" fn trampoline<T: CustomOp>(
+    dst: *mut sys::ggml_tensor,
+    ith: c_int,
+    nth: c_int,
+    user: *mut c_void,
+) {
     let ith_raw = ith;
     // SAFETY: `user` is the `&T` given to `custom_op`, which outlives every compute of the
     // graph (the lifetime 'c ties it to the context the graph lives in).
@@ -39,14 +49,20 @@ unsafe extern "C" fn trampoline<T: CustomOp>(dst: *mut sys::ggml_tensor, ith: c_
         }
         let row = d.ne[0] as usize;
         let rows = (d.ne[1] * d.ne[2] * d.ne[3]) as usize;
-        let (ith, nth) = if op.parallel() { (ith.max(0) as usize, nth.max(1) as usize) } else { (0, 1) };
+        let (ith, nth) = if op.parallel() {
+            (ith.max(0) as usize, nth.max(1) as usize)
+        } else {
+            (0, 1)
+        };
         if !op.parallel() && ith_raw != 0 {
             return Ok(());
         }
         let r = rows * ith / nth..rows * (ith + 1) / nth;
         // SAFETY: dst is a contiguous f32 tensor of rows*row floats (built by custom_op); each
         // thread gets the disjoint row range r, so no two threads alias.
-        let out = unsafe { std::slice::from_raw_parts_mut((d.data as *mut f32).add(r.start * row), r.len() * row) };
+        let out = unsafe {
+            std::slice::from_raw_parts_mut((d.data as *mut f32).add(r.start * row), r.len() * row)
+        };
         op.compute(&args, r, out)
     }));
     match run {
@@ -59,17 +75,33 @@ unsafe extern "C" fn trampoline<T: CustomOp>(dst: *mut sys::ggml_tensor, ith: c_
 impl Context {
     /// A custom op producing an f32 tensor of shape `ne` from `args` (contiguous f32), its
     /// rows split over the graph's threads when `op.parallel()`.
-    pub fn custom_op<'c, T: CustomOp>(&'c self, ne: [i64; 4], args: &[Tensor<'c>], op: &'c T) -> Result<Tensor<'c>> {
+    pub fn custom_op<'c, T: CustomOp>(
+        &'c self,
+        ne: [i64; 4],
+        args: &[Tensor<'c>],
+        op: &'c T,
+    ) -> Result<Tensor<'c>> {
         let n_tasks = if op.parallel() { -1 } else { 1 };
         for (i, a) in args.iter().enumerate() {
             // SAFETY: valid tensor.
             if a.ty() != sys::GGML_TYPE_F32 || !unsafe { sys::ggml_is_contiguous(a.as_ptr()) } {
-                return Err(Error::Ggml(format!("custom op arg {i} must be contiguous f32 ({:?})", a.ne())));
+                return Err(Error::Ggml(format!(
+                    "custom op arg {i} must be contiguous f32 ({:?})",
+                    a.ne()
+                )));
             }
         }
         // SAFETY: the trampoline does not unwind and only reads args / writes dst rows; `op`
         // lives for 'c, as long as any graph of this context can be computed.
-        unsafe { self.custom_4d(ne, args, Some(trampoline::<T>), n_tasks, op as *const T as *mut c_void) }
+        unsafe {
+            self.custom_4d(
+                ne,
+                args,
+                Some(trampoline::<T>),
+                n_tasks,
+                op as *const T as *mut c_void,
+            )
+        }
     }
 
     /// `a @ b` marked, as llama.cpp marks its rotations, with "a is a Hadamard matrix" (ggml
@@ -101,7 +133,9 @@ impl Tensor<'_> {
     /// Fills an allocated tensor with zero bytes.
     pub fn zero(&self) -> Result<()> {
         if self.bytes().is_err() {
-            return Err(Error::Ggml("zero: tensor is not allocated and contiguous".into()));
+            return Err(Error::Ggml(
+                "zero: tensor is not allocated and contiguous".into(),
+            ));
         }
         // SAFETY: allocated (checked).
         unsafe { sys::ggml_set_zero(self.as_ptr()) };

@@ -64,7 +64,10 @@ impl Context {
     /// Rows `ids` (i32, `[n]`) of `a [k, rows]` → `[k, n]` f32.
     pub fn get_rows<'c>(&'c self, a: Tensor<'c>, ids: Tensor<'c>) -> Result<Tensor<'c>> {
         if ids.ty() != sys::GGML_TYPE_I32 || ids.ne()[1] != 1 || a.ne()[2] != 1 {
-            return bad("get_rows", format!("a {:?} ids {:?} (type {})", a.ne(), ids.ne(), ids.ty()));
+            return bad(
+                "get_rows",
+                format!("a {:?} ids {:?} (type {})", a.ne(), ids.ne(), ids.ty()),
+            );
         }
         // SAFETY: checked as ggml asserts.
         self.wrap(unsafe { sys::ggml_get_rows(self.as_ptr(), a.as_ptr(), ids.as_ptr()) })
@@ -72,13 +75,25 @@ impl Context {
 
     /// Writes rows of `src [k, n]` (f32) into rows `ids` (i64 `[n]`) of `dst [k, rows]`
     /// (converted to dst's type); returns a view of `dst` to order later reads after it.
-    pub fn set_rows<'c>(&'c self, dst: Tensor<'c>, src: Tensor<'c>, ids: Tensor<'c>) -> Result<Tensor<'c>> {
+    pub fn set_rows<'c>(
+        &'c self,
+        dst: Tensor<'c>,
+        src: Tensor<'c>,
+        ids: Tensor<'c>,
+    ) -> Result<Tensor<'c>> {
         let (nd, ns, ni) = (dst.ne(), src.ne(), ids.ne());
-        if ids.ty() != sys::GGML_TYPE_I64 || nd[0] != ns[0] || ni[0] != ns[1] || ns[2] != 1 || nd[2] != 1 {
+        if ids.ty() != sys::GGML_TYPE_I64
+            || nd[0] != ns[0]
+            || ni[0] != ns[1]
+            || ns[2] != 1
+            || nd[2] != 1
+        {
             return bad("set_rows", format!("dst {nd:?} src {ns:?} ids {ni:?}"));
         }
         // SAFETY: checked as ggml asserts.
-        self.wrap(unsafe { sys::ggml_set_rows(self.as_ptr(), dst.as_ptr(), src.as_ptr(), ids.as_ptr()) })
+        self.wrap(unsafe {
+            sys::ggml_set_rows(self.as_ptr(), dst.as_ptr(), src.as_ptr(), ids.as_ptr())
+        })
     }
 
     pub fn reshape_2d<'c>(&'c self, a: Tensor<'c>, ne0: i64, ne1: i64) -> Result<Tensor<'c>> {
@@ -87,7 +102,13 @@ impl Context {
         self.wrap(unsafe { sys::ggml_reshape_2d(self.as_ptr(), a.as_ptr(), ne0, ne1) })
     }
 
-    pub fn reshape_3d<'c>(&'c self, a: Tensor<'c>, ne0: i64, ne1: i64, ne2: i64) -> Result<Tensor<'c>> {
+    pub fn reshape_3d<'c>(
+        &'c self,
+        a: Tensor<'c>,
+        ne0: i64,
+        ne1: i64,
+        ne2: i64,
+    ) -> Result<Tensor<'c>> {
         self.check_reshape(a, ne0 * ne1 * ne2)?;
         // SAFETY: contiguous with the same element count.
         self.wrap(unsafe { sys::ggml_reshape_3d(self.as_ptr(), a.as_ptr(), ne0, ne1, ne2) })
@@ -97,7 +118,10 @@ impl Context {
         // SAFETY: valid tensor.
         let contig = unsafe { sys::ggml_is_contiguous(a.as_ptr()) };
         if !contig || a.n_elements() as i64 != n {
-            return bad("reshape", format!("{:?} (contiguous: {contig}) to {n} elements", a.ne()));
+            return bad(
+                "reshape",
+                format!("{:?} (contiguous: {contig}) to {n} elements", a.ne()),
+            );
         }
         Ok(())
     }
@@ -117,10 +141,27 @@ impl Context {
         let row = a.row_bytes(ne[0]);
         let last = offset + (ne[2] as usize - 1) * nb2 + (ne[1] as usize - 1) * nb1 + row;
         if ne.iter().any(|&d| d <= 0) || last > total {
-            return bad("view_3d", format!("{ne:?} nb {nb1}/{nb2} at {offset} past {total} bytes of {:?}", a.ne()));
+            return bad(
+                "view_3d",
+                format!(
+                    "{ne:?} nb {nb1}/{nb2} at {offset} past {total} bytes of {:?}",
+                    a.ne()
+                ),
+            );
         }
         // SAFETY: the view lies inside a (checked).
-        self.wrap(unsafe { sys::ggml_view_3d(self.as_ptr(), a.as_ptr(), ne[0], ne[1], ne[2], nb1, nb2, offset) })
+        self.wrap(unsafe {
+            sys::ggml_view_3d(
+                self.as_ptr(),
+                a.as_ptr(),
+                ne[0],
+                ne[1],
+                ne[2],
+                nb1,
+                nb2,
+                offset,
+            )
+        })
     }
 
     pub fn permute<'c>(&'c self, a: Tensor<'c>, axes: [i32; 4]) -> Result<Tensor<'c>> {
@@ -132,7 +173,16 @@ impl Context {
             seen[x as usize] = true;
         }
         // SAFETY: axes are a permutation of 0..4.
-        self.wrap(unsafe { sys::ggml_permute(self.as_ptr(), a.as_ptr(), axes[0], axes[1], axes[2], axes[3]) })
+        self.wrap(unsafe {
+            sys::ggml_permute(
+                self.as_ptr(),
+                a.as_ptr(),
+                axes[0],
+                axes[1],
+                axes[2],
+                axes[3],
+            )
+        })
     }
 
     pub fn cont<'c>(&'c self, a: Tensor<'c>) -> Result<Tensor<'c>> {
@@ -141,10 +191,22 @@ impl Context {
     }
 
     /// RoPE over `a [head_dim, heads, n]` at positions `pos` (i32 `[n]`).
-    pub fn rope<'c>(&'c self, a: Tensor<'c>, pos: Tensor<'c>, p: &RopeParams) -> Result<Tensor<'c>> {
+    pub fn rope<'c>(
+        &'c self,
+        a: Tensor<'c>,
+        pos: Tensor<'c>,
+        p: &RopeParams,
+    ) -> Result<Tensor<'c>> {
         let na = a.ne();
-        if pos.ty() != sys::GGML_TYPE_I32 || pos.ne()[0] != na[2] || p.n_dims > na[0] as i32 || p.n_dims % 2 != 0 {
-            return bad("rope", format!("a {na:?} pos {:?} n_dims {}", pos.ne(), p.n_dims));
+        if pos.ty() != sys::GGML_TYPE_I32
+            || pos.ne()[0] != na[2]
+            || p.n_dims > na[0] as i32
+            || p.n_dims % 2 != 0
+        {
+            return bad(
+                "rope",
+                format!("a {na:?} pos {:?} n_dims {}", pos.ne(), p.n_dims),
+            );
         }
         let mode = match p.mode {
             RopeMode::Normal => 0,
