@@ -4,7 +4,7 @@ use std::ops::Range;
 
 use half::f16;
 
-use super::attn::{attend_row, attend_row_ref, Dequantized, Scratch};
+use super::attn::{attend_block, attend_row_ref, with_scratch, Dequantized};
 use super::{CacheConfig, CacheError, HeadCache, MemoryStats};
 use crate::format::Geometry;
 
@@ -342,13 +342,20 @@ impl OttCache {
         let hd = self.shape.head_dim;
         let len = self.lens[layer];
         let heads = self.layer_heads(layer);
-        let mut s = Scratch::default();
-        for (r, o) in rows.zip(out.chunks_mut(hd)) {
-            let (i, h) = (r / n_head, r % n_head);
-            let head = &heads[h / rep];
-            let n_window = len - n + i + 1 - head.quantized_len();
-            attend_row(head, &q[r * hd..(r + 1) * hd], scale, n_window, &mut s, o);
-        }
+        with_scratch(|s1, s| {
+            // Blocks of consecutive rows with the same token and kv head: their query heads
+            // share every unpacked code word (GQA).
+            let (mut r, mut out) = (rows.start, out);
+            while r < rows.end {
+                let (i, h) = (r / n_head, r % n_head);
+                let end = (i * n_head + (h / rep + 1) * rep).min(rows.end);
+                let (o, rest) = out.split_at_mut((end - r) * hd);
+                let head = &heads[h / rep];
+                let n_window = len - n + i + 1 - head.quantized_len();
+                attend_block(head, &q[r * hd..end * hd], scale, n_window, s1, s, o);
+                (r, out) = (end, rest);
+            }
+        });
         Ok(())
     }
 

@@ -279,3 +279,10 @@ fn plot(results: &[RowResult], n_ctx: usize, path: &Path) -> Result<()> {
         "plotting is not available yet".into(),
     ))
 }
+
+pub(crate) fn plot_bench(results: &[crate::eval::bench::BenchResult], path: &Path) -> Result<()> {
+    let _ = (results, path);
+    Err(Error::InvalidArgument(
+        "plotting is not available yet".into(),
+    ))
+}

@@ -1,6 +1,7 @@
 //! The command line: one module per subcommand. Errors become one line on stderr and exit
 //! status 1 (usage errors: 2, from clap); nothing panics on user input.
 
+mod bench;
 mod compare;
 mod dump_kv;
 mod generate;
@@ -34,6 +35,8 @@ enum Command {
     Perplexity(compare::PerplexityArgs),
     /// Quality, memory and speed of every cache type against llama.cpp's own, in one run.
     Compare(compare::CompareArgs),
+    /// Prompt and decode speed at several filled contexts, llama.cpp's caches and ours.
+    Bench(bench::Args),
 }
 
 /// Runs the command line and returns the process exit status.
@@ -52,6 +55,7 @@ pub fn main() -> i32 {
         Command::Generate(a) => generate::run(&a),
         Command::Perplexity(a) => compare::perplexity(&a),
         Command::Compare(a) => compare::compare(&a),
+        Command::Bench(a) => bench::run(&a),
     });
     match result {
         Ok(Ok(())) => 0,

@@ -1,10 +1,12 @@
 //! Measurement: memory (and, with the engine, perplexity, KL divergence and speed).
 
 pub mod attention;
+pub mod bench;
 pub mod compare;
 pub mod kld;
 pub mod kv_error;
 pub mod kvdump;
 pub mod memory;
 pub mod perplexity;
+pub mod plot;
 pub mod runner;

@@ -65,6 +65,11 @@ pub trait ChunkRunner {
     fn run(&mut self, tokens: &[i32], first: usize) -> Result<Vec<f32>>;
     /// KV-cache bytes allocated now (after a run: for a full chunk).
     fn kv_bytes(&self) -> usize;
+    /// Empties the cache.
+    fn reset(&mut self) -> Result<()>;
+    /// Appends `tokens` after what is cached, computing only the last token's logits (what
+    /// prompt processing and decoding do).
+    fn feed(&mut self, tokens: &[i32]) -> Result<()>;
 }
 
 struct LlamaRunner<'m> {
@@ -84,6 +89,13 @@ impl ChunkRunner for LlamaRunner<'_> {
     fn kv_bytes(&self) -> usize {
         (self.bytes_per_token * self.n_ctx as f64) as usize
     }
+    fn reset(&mut self) -> Result<()> {
+        self.ctx.clear();
+        Ok(())
+    }
+    fn feed(&mut self, tokens: &[i32]) -> Result<()> {
+        self.ctx.decode(tokens, false).map(drop)
+    }
 }
 
 struct OurRunner<'m> {
@@ -100,6 +112,12 @@ impl ChunkRunner for OurRunner<'_> {
     }
     fn kv_bytes(&self) -> usize {
         self.s.kv_bytes()
+    }
+    fn reset(&mut self) -> Result<()> {
+        self.s.reset()
+    }
+    fn feed(&mut self, tokens: &[i32]) -> Result<()> {
+        self.s.eval(tokens, Logits::Last).map(drop)
     }
 }
 

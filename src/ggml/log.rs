@@ -29,9 +29,11 @@ unsafe extern "C" fn forward(level: sys::ggml_log_level, text: *const c_char, _:
     if msg.is_empty() {
         return;
     }
+    // One level down: llama.cpp warns about things a user of ours cannot act on (odd special
+    // token ids in a file, say), and its errors are restated by ours with their context.
     let lvl = match level {
-        sys::GGML_LOG_LEVEL_ERROR => log::Level::Error,
-        sys::GGML_LOG_LEVEL_WARN => log::Level::Warn,
+        sys::GGML_LOG_LEVEL_ERROR => log::Level::Warn,
+        sys::GGML_LOG_LEVEL_WARN => log::Level::Info,
         sys::GGML_LOG_LEVEL_INFO => log::Level::Debug,
         _ => log::Level::Trace,
     };

@@ -298,7 +298,7 @@ impl Kv {
     /// would see when decoded alone (our cache flushes between tokens; ggml caches never do).
     pub fn plan(&self, n_past: usize, n: usize) -> Result<Vec<Range<usize>>> {
         match self {
-            Kv::Ggml(_) => Ok(vec![0..n]),
+            Kv::Ggml(_) => Ok(std::iter::once(0..n).collect()),
             Kv::Ott(o) => {
                 let c = o
                     .cache
