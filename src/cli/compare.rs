@@ -274,15 +274,42 @@ fn sha256_file(path: &Path) -> Result<String> {
 }
 
 fn plot(results: &[RowResult], n_ctx: usize, path: &Path) -> Result<()> {
-    let _ = (results, n_ctx, path);
-    Err(Error::InvalidArgument(
-        "plotting is not available yet".into(),
-    ))
+    use crate::eval::plot::{scatter_png, Axes, Point};
+    let short = |r: &RowResult| match r.engine {
+        crate::eval::runner::Engine::Llama => format!("llama.cpp {}", r.cache),
+        crate::eval::runner::Engine::Ours => r.cache.clone(),
+    };
+    // The reference row has no KLD (and a log axis cannot show 0): it is the frame of reference.
+    let points: Vec<Point> = results
+        .iter()
+        .filter_map(|r| Some(Point { label: short(r), x: r.bits_per_element, y: r.kld_mean.filter(|k| *k > 0.0)? }))
+        .collect();
+    let axes = Axes {
+        title: format!("KL divergence vs llama.cpp f16, n_ctx {n_ctx}"),
+        x_label: "KV bits per element (allocated)".into(),
+        y_label: "mean KLD".into(),
+        log_x: false,
+        log_y: true,
+    };
+    scatter_png(&points, &axes, path).map_err(|e| Error::InvalidArgument(format!("plot {}: {e}", path.display())))
 }
 
 pub(crate) fn plot_bench(results: &[crate::eval::bench::BenchResult], path: &Path) -> Result<()> {
-    let _ = (results, path);
-    Err(Error::InvalidArgument(
-        "plotting is not available yet".into(),
-    ))
+    use crate::eval::plot::{lines_png, Axes, Series};
+    let mut series: Vec<Series> = Vec::new();
+    for r in results {
+        let label = format!("{} {}", r.engine.name(), r.cache);
+        match series.iter_mut().find(|s| s.label == label) {
+            Some(s) => s.points.push((r.ctx as f64, r.decode_tok_s)),
+            None => series.push(Series { label, points: vec![(r.ctx as f64, r.decode_tok_s)] }),
+        }
+    }
+    let axes = Axes {
+        title: "Decode speed vs filled context".into(),
+        x_label: "tokens in the cache".into(),
+        y_label: "decode tokens/s".into(),
+        log_x: true,
+        log_y: false,
+    };
+    lines_png(&series, &axes, path).map_err(|e| Error::InvalidArgument(format!("plot {}: {e}", path.display())))
 }
