@@ -39,6 +39,55 @@ fn main() {
         Vec::new()
     };
     write_kernel_table(&embedded, &out);
+    write_pkg_config(&out);
+}
+
+/// `ottkv.pc` beside the built libraries (target/<profile>/), so that C programs build with
+/// `PKG_CONFIG_PATH=target/release cc prog.c $(pkg-config --cflags --libs ottkv)`.
+///
+/// Cflags: the repo's include/ (ottkv.h) and the ggml headers that llama-cpp-sys-2 installed
+/// into its OUT_DIR (it declares `links = "llama"` and prints `cargo:root=<its OUT_DIR>`, which
+/// reaches us as DEP_LLAMA_ROOT; nothing is copied). Libs: the static library by full path
+/// (`-lottkv` would pick the cdylib, which does not export ggml), then what it needs from the
+/// system: libstdc++ for ggml/llama.cpp, and Rust std's usual set (gcc_s, util, rt, pthread, m,
+/// dl, c). Written only when its text changes, so nothing downstream sees a new mtime.
+fn write_pkg_config(out: &Path) {
+    // OUT_DIR is <target>/<profile>/build/<pkg>-<hash>/out.
+    let Some(profile_dir) = out.ancestors().nth(3) else {
+        println!(
+            "cargo:warning=ottkv: unexpected OUT_DIR {}; no ottkv.pc",
+            out.display()
+        );
+        return;
+    };
+    let repo = PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("cargo sets it"));
+    let mut cflags = format!("-I{}", repo.join("include").display());
+    match env::var_os("DEP_LLAMA_ROOT").map(|r| PathBuf::from(r).join("include")) {
+        Some(inc) if inc.join("ggml.h").is_file() => {
+            cflags.push_str(&format!(" -I{}", inc.display()));
+        }
+        _ => println!(
+            "cargo:warning=ottkv: ggml headers not found under DEP_LLAMA_ROOT; ottkv.pc has no ggml include dir"
+        ),
+    }
+    let text = format!(
+        "# Written by ottkv's build.rs; points into this checkout's target/ dir.\n\
+         libdir={lib}\n\n\
+         Name: ottkv\n\
+         Description: 2-bit KV cache with outlier-token tracing (C ABI, bundles ggml {ggml})\n\
+         Version: {ver}\n\
+         Cflags: {cflags}\n\
+         Libs: ${{libdir}}/libottkv.a -lstdc++ -lgcc_s -lutil -lrt -lpthread -lm -ldl -lc\n",
+        lib = profile_dir.display(),
+        ggml = "0.26.0",
+        ver = env::var("CARGO_PKG_VERSION").unwrap_or_default(),
+    );
+    let pc = profile_dir.join("ottkv.pc");
+    if fs::read_to_string(&pc).ok().as_deref() != Some(text.as_str()) {
+        if let Err(e) = fs::write(&pc, text) {
+            println!("cargo:warning=ottkv: writing {}: {e}", pc.display());
+        }
+    }
 }
 
 /// `kernels/*.cu`, sorted so the generated table is stable.

@@ -6,6 +6,7 @@
 //! the oracle), `cache` (the KV caches), `eval` (measurement), `cli`.
 
 pub mod cache;
+pub mod capi;
 pub mod cli;
 pub mod error;
 pub mod eval;

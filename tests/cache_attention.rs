@@ -166,6 +166,12 @@ const SPECS: &[&str] = &[
     "kivi4",
     "ott:k=3,v=3,g=32,r=8,p=2,e=4,t=0",
     "ott:g=16,r=0,p=3,e=2,t=0",
+    // Rotation and sinks (issue 8): 3-bit keys take the per-row fast path; sinks spanning
+    // more than one group (S > G with R = 0) and sinks with tracing off.
+    "ott:k=3,v=2,g=32,r=8,t=0,rot=1,sink=4",
+    "ott:g=16,r=0,p=3,e=2,t=0,rot=1,sink=20",
+    "ott2-p0:g=32,r=4,sink=3",
+    "ott3",
 ];
 
 #[test]

@@ -11,7 +11,9 @@
 //! auto-vectoriser (constant trip counts, accumulators in fixed arrays, weights broadcast
 //! ahead of the hot loops) rather than with intrinsics.
 //!
-//! Score buffer order (all paths): quantized slots, pool, extra pool, visible window tokens.
+//! Score buffer order (all paths): quantized slots, sinks, pool, extra pool, visible window
+//! tokens. The fast paths work in the head's stored space (rotated when rotation is on: the
+//! caller rotates q and the output); the reference works in the caller's space throughout.
 
 use std::cell::RefCell;
 
@@ -44,8 +46,8 @@ pub(crate) fn attend_row(
     debug_assert!(q.len() == hd && out.len() == hd && n_window <= h.window_len());
     let g = h.group();
     let nq = h.quantized_len();
-    let (np, ne) = (h.pool.len(), h.extra.len());
-    let total = nq + np + ne + n_window;
+    let (ns, np, ne) = (h.sink_len(), h.pool.len(), h.extra.len());
+    let total = nq + ns + np + ne + n_window;
     s.scores.clear();
     s.scores.resize(total, f32::NEG_INFINITY);
     s.qq.clear();
@@ -73,9 +75,10 @@ pub(crate) fn attend_row(
         }
     }
     let f16_segments = [
-        (&h.pool_k, np, nq),
-        (&h.extra_k, ne, nq + np),
-        (&h.win_k, n_window, nq + np + ne),
+        (&h.sink_k, ns, nq),
+        (&h.pool_k, np, nq + ns),
+        (&h.extra_k, ne, nq + ns + np),
+        (&h.win_k, n_window, nq + ns + np + ne),
     ];
     for (keys, n, off) in f16_segments {
         for t in 0..n {
@@ -116,9 +119,10 @@ pub(crate) fn attend_row(
         *o += s.min_acc[c / gv];
     }
     let f16_segments = [
-        (&h.pool_v, np, nq),
-        (&h.extra_v, ne, nq + np),
-        (&h.win_v, n_window, nq + np + ne),
+        (&h.sink_v, ns, nq),
+        (&h.pool_v, np, nq + ns),
+        (&h.extra_v, ne, nq + ns + np),
+        (&h.win_v, n_window, nq + ns + np + ne),
     ];
     for (vals, n, off) in f16_segments {
         for t in 0..n {
@@ -451,10 +455,16 @@ fn params_f32(params: &[QParams], staging: &mut Vec<f16>, out: &mut Vec<f32>) {
 }
 
 /// Whether [`attend_block`] has a specialised kernel for this head's layout; otherwise it
-/// falls back to [`attend_row`] per row.
+/// falls back to [`attend_row`] per row. 3-bit keys (`ott3`) take the block path too: their
+/// scores come from the per-row [`key_scores`] kernel, the values from the block kernel.
+/// 4-bit keys could as well; they stay on the row path so that `ottk4v2`'s results are
+/// bit-identical to what was measured before.
 fn block_kernel_fits(h: &HeadCache) -> bool {
     let gv = h.geo.value_group as usize;
-    h.geo.key_bits == 2 && h.geo.value_bits == 2 && gv % 8 == 0 && h.group() % 16 == 0
+    (h.geo.key_bits == 2 || h.geo.key_bits == 3)
+        && h.geo.value_bits == 2
+        && gv % 8 == 0
+        && h.group() % 16 == 0
 }
 
 /// Attends `rows` query rows that share one kv head and one causal horizon (GQA: the query
@@ -481,8 +491,7 @@ pub(crate) fn attend_block(
     }
     let g = h.group();
     let nq = h.quantized_len();
-    let (np, ne) = (h.pool.len(), h.extra.len());
-    let nf = np + ne + n_window;
+    let nf = h.sink_len() + h.pool.len() + h.extra.len() + n_window;
     let total = nq + nf;
     s.scores.clear();
     s.scores.resize(rows * total, 0.0);
@@ -500,44 +509,57 @@ pub(crate) fn attend_block(
     s.qs.resize(n_sub * hd, [[0.0; 4]; 4]);
     s.bias.resize(rows, 0.0);
     let mw = h.mask_words();
+    let key_bits = h.geo.key_bits;
     for gi in 0..h.n_groups {
-        let kp = &s.kp[gi * hd * 2..(gi + 1) * hd * 2];
-        for (b, (r0, m)) in sub_blocks(rows).enumerate() {
-            for (c, sc) in kp.chunks_exact(2).enumerate() {
-                for i in 0..m {
-                    s.qs[b * hd + c][i] = [s.qq[(r0 + i) * hd + c] * sc[0]; 4];
-                }
-            }
-            for i in 0..m {
-                let qr = &s.qq[(r0 + i) * hd..(r0 + i + 1) * hd];
-                s.bias[r0 + i] = dot_lanes(qr, &s.km[gi * hd..(gi + 1) * hd]);
-            }
-        }
-        let codes = &h.key_codes[gi * hd * kw..(gi + 1) * hd * kw]; // [head_dim][kw]
-        for w in 0..kw {
-            let t0 = gi * g + w * 16;
+        if key_bits == 2 {
+            let kp = &s.kp[gi * hd * 2..(gi + 1) * hd * 2];
             for (b, (r0, m)) in sub_blocks(rows).enumerate() {
-                let qs = &s.qs[b * hd..(b + 1) * hd];
-                let mut put = |i: usize, a: &[f32; 16]| {
-                    let d = &mut s.scores[(r0 + i) * total + t0..(r0 + i) * total + t0 + 16];
-                    for (d, a) in d.iter_mut().zip(a) {
-                        *d = a + s.bias[r0 + i];
+                for (c, sc) in kp.chunks_exact(2).enumerate() {
+                    for i in 0..m {
+                        s.qs[b * hd + c][i] = [s.qq[(r0 + i) * hd + c] * sc[0]; 4];
                     }
-                };
-                match m {
-                    4 => key_word::<4>(codes, kw, w, qs)
-                        .iter()
-                        .enumerate()
-                        .for_each(|(i, a)| put(i, a)),
-                    2 => key_word::<2>(codes, kw, w, qs)
-                        .iter()
-                        .enumerate()
-                        .for_each(|(i, a)| put(i, a)),
-                    _ => key_word::<1>(codes, kw, w, qs)
-                        .iter()
-                        .enumerate()
-                        .for_each(|(i, a)| put(i, a)),
                 }
+                for i in 0..m {
+                    let qr = &s.qq[(r0 + i) * hd..(r0 + i + 1) * hd];
+                    s.bias[r0 + i] = dot_lanes(qr, &s.km[gi * hd..(gi + 1) * hd]);
+                }
+            }
+            let codes = &h.key_codes[gi * hd * kw..(gi + 1) * hd * kw]; // [head_dim][kw]
+            for w in 0..kw {
+                let t0 = gi * g + w * 16;
+                for (b, (r0, m)) in sub_blocks(rows).enumerate() {
+                    let qs = &s.qs[b * hd..(b + 1) * hd];
+                    let mut put = |i: usize, a: &[f32; 16]| {
+                        let d = &mut s.scores[(r0 + i) * total + t0..(r0 + i) * total + t0 + 16];
+                        for (d, a) in d.iter_mut().zip(a) {
+                            *d = a + s.bias[r0 + i];
+                        }
+                    };
+                    match m {
+                        4 => key_word::<4>(codes, kw, w, qs)
+                            .iter()
+                            .enumerate()
+                            .for_each(|(i, a)| put(i, a)),
+                        2 => key_word::<2>(codes, kw, w, qs)
+                            .iter()
+                            .enumerate()
+                            .for_each(|(i, a)| put(i, a)),
+                        _ => key_word::<1>(codes, kw, w, qs)
+                            .iter()
+                            .enumerate()
+                            .for_each(|(i, a)| put(i, a)),
+                    }
+                }
+            }
+        } else {
+            let codes = &h.key_codes[gi * hd * kw..(gi + 1) * hd * kw];
+            let params = &h.key_params[gi * hd..(gi + 1) * hd];
+            s1.qs.resize(hd, 0.0);
+            for r in 0..rows {
+                let qq = &s.qq[r * hd..(r + 1) * hd];
+                let dst = &mut s.scores[r * total + gi * g..r * total + (gi + 1) * g];
+                debug_assert_eq!(key_bits, 3);
+                key_scores::<3>(codes, params, qq, &mut s1.qs, kw, dst);
             }
         }
         for (wi, &m) in h.masks[gi * mw..(gi + 1) * mw].iter().enumerate() {
@@ -552,14 +574,14 @@ pub(crate) fn attend_block(
         }
     }
 
-    // f16 tokens: pool, extra pool, visible window, converted once for all rows.
+    // f16 tokens: sinks, pool, extra pool, visible window, converted once for all rows.
     let f16_seg = |k: bool| {
-        let (p, e, w) = if k {
-            (&h.pool_k, &h.extra_k, &h.win_k)
+        let (sk, p, e, w) = if k {
+            (&h.sink_k, &h.pool_k, &h.extra_k, &h.win_k)
         } else {
-            (&h.pool_v, &h.extra_v, &h.win_v)
+            (&h.sink_v, &h.pool_v, &h.extra_v, &h.win_v)
         };
-        [&p[..], &e[..], &w[..n_window * hd]]
+        [&sk[..], &p[..], &e[..], &w[..n_window * hd]]
     };
     for (buf, segs) in [(&mut s.kf, f16_seg(true)), (&mut s.vf, f16_seg(false))] {
         buf.clear();
@@ -681,7 +703,9 @@ impl Dequantized {
     }
 }
 
-/// Scalar reference of [`attend_row`]: plain softmax over the dequantized cache.
+/// Scalar reference of [`attend_row`]: plain softmax over the dequantized cache, all in the
+/// caller's space (`q` and `out` unrotated; stored rows rotated back first), so that it also
+/// checks the fast path's rotation of q and of the output.
 pub(crate) fn attend_row_ref(
     h: &HeadCache,
     d: &Dequantized,
@@ -691,7 +715,11 @@ pub(crate) fn attend_row_ref(
     out: &mut [f32],
 ) {
     let hd = h.head_dim();
-    let to32 = |x: &[f16]| -> Vec<f32> { x.iter().map(|v| v.to_f32()).collect() };
+    let to32 = |x: &[f16]| -> Vec<f32> {
+        let mut r: Vec<f32> = x.iter().map(|v| v.to_f32()).collect();
+        h.unrotate(&mut r);
+        r
+    };
     let mut keys: Vec<f32> = Vec::new(); // [visible][head_dim]
     let mut values: Vec<f32> = Vec::new(); // [visible][head_dim]
     for t in 0..h.quantized_len() {
@@ -700,9 +728,11 @@ pub(crate) fn attend_row_ref(
             values.extend_from_slice(&d.values[t * hd..(t + 1) * hd]);
         }
     }
+    keys.extend(to32(&h.sink_k));
     keys.extend(to32(&h.pool_k));
     keys.extend(to32(&h.extra_k));
     keys.extend(to32(&h.win_k[..n_window * hd]));
+    values.extend(to32(&h.sink_v));
     values.extend(to32(&h.pool_v));
     values.extend(to32(&h.extra_v));
     values.extend(to32(&h.win_v[..n_window * hd]));
@@ -760,6 +790,9 @@ mod tests {
             (1, 7, "ott2:t=0,gv=16"),
             (2, 3, "ott2:t=0,g=32,r=8"),
             (3, 1, "ott2:t=0,gv=8"),
+            // 3-bit keys: per-row key kernel inside the block path; rotation and sinks.
+            (2, 3, "ott3:t=0,g=64,r=8"),
+            (1, 7, "ott2:k=3,t=0,rot=1,s=4,gv=16"),
         ] {
             let (hd, t) = (64, 700);
             let n_head = n_kv * rep;

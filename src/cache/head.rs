@@ -5,7 +5,8 @@ use half::f16;
 use super::{CacheError, MemoryStats, Score};
 use crate::format::{words_for, Geometry, OutlierSlot, QParams};
 use crate::quant::{
-    dequantize_key_group, dequantize_value_row, quantize_key_group, quantize_value_row,
+    dequantize_key_group, dequantize_value_row, hadamard_blocks, quantize_key_group,
+    quantize_value_row,
 };
 
 /// One (layer, kv-head): quantized groups, f16 window, outlier and extra pools, tracing state.
@@ -13,6 +14,12 @@ use crate::quant::{
 /// Token positions are implicit: the quantized groups hold positions `0..n_groups·G` (masked
 /// placeholder slots included), the window holds the following `window_len` positions. Pool and
 /// extra-pool tokens always come from a quantized group, so their positions are below that.
+/// Sink tokens (positions `0..sink_len`) are masked slots of the first groups whose exact copy
+/// is in `sink_k`/`sink_v`: a sink is just a pool entry that is never evicted, so the flush
+/// schedule and the position layout are the same with or without sinks.
+///
+/// With rotation on (`rot` > 0) every stored K and V row (window, pools, sinks, quantized) is
+/// `H·x` in blocks of `rot` channels; the public accessors rotate back.
 #[derive(Clone, Debug)]
 pub struct HeadCache {
     pub(crate) geo: Geometry,
@@ -20,6 +27,9 @@ pub struct HeadCache {
     pub(crate) pool_cap: usize,
     pub(crate) extra_cap: usize,
     pub(crate) score: Score,
+    /// Hadamard block of the stored rows, 0 = not rotated.
+    pub(crate) rot: usize,
+    pub(crate) sink_cap: usize,
     pub(crate) key_codes: Vec<u32>, // [n_groups][head_dim][key words per channel]
     pub(crate) key_params: Vec<QParams>, // [n_groups][head_dim]
     pub(crate) val_codes: Vec<u32>, // [n_groups·G][value row words]
@@ -34,6 +44,8 @@ pub struct HeadCache {
     pub(crate) extra: Vec<OutlierSlot>, // [extra_len], in eviction order
     pub(crate) extra_k: Vec<f16>,       // [extra_len][head_dim]
     pub(crate) extra_v: Vec<f16>,       // [extra_len][head_dim]
+    pub(crate) sink_k: Vec<f16>,        // [sink_len][head_dim], positions 0..sink_len
+    pub(crate) sink_v: Vec<f16>,        // [sink_len][head_dim]
     pub(crate) stopped_at: Option<u32>,
 }
 
@@ -44,15 +56,29 @@ enum Src {
     Group(usize),
 }
 
+/// Per-head settings that are not part of the shared [`Geometry`].
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct HeadSettings {
+    pub residual: usize,
+    pub pool_cap: usize,
+    pub extra_cap: usize,
+    pub score: Score,
+    pub window_cap: usize,
+    pub rot: usize,
+    pub sink_cap: usize,
+}
+
 impl HeadCache {
-    pub(crate) fn new(
-        geo: Geometry,
-        residual: usize,
-        pool_cap: usize,
-        extra_cap: usize,
-        score: Score,
-        window_cap: usize,
-    ) -> Self {
+    pub(crate) fn new(geo: Geometry, st: HeadSettings) -> Self {
+        let HeadSettings {
+            residual,
+            pool_cap,
+            extra_cap,
+            score,
+            window_cap,
+            rot,
+            sink_cap,
+        } = st;
         let hd = geo.head_dim as usize;
         // Window and pools are bounded, so they are allocated once, exactly; the quantized
         // segments grow by exactly one group per flush (see `flush`).
@@ -62,6 +88,8 @@ impl HeadCache {
             pool_cap,
             extra_cap,
             score,
+            rot,
+            sink_cap,
             key_codes: Vec::new(),
             key_params: Vec::new(),
             val_codes: Vec::new(),
@@ -76,6 +104,8 @@ impl HeadCache {
             extra: Vec::with_capacity(extra_cap),
             extra_k: Vec::with_capacity(extra_cap * hd),
             extra_v: Vec::with_capacity(extra_cap * hd),
+            sink_k: Vec::with_capacity(sink_cap * hd),
+            sink_v: Vec::with_capacity(sink_cap * hd),
             stopped_at: None,
         }
     }
@@ -131,6 +161,10 @@ impl HeadCache {
     pub fn stopped_at(&self) -> Option<u32> {
         self.stopped_at
     }
+    /// Tokens kept exact as attention sinks so far (positions `0..sink_len`).
+    pub fn sink_len(&self) -> usize {
+        self.sink_k.len() / self.head_dim()
+    }
     /// Capacities (pool, extra) in effect for this head.
     pub fn pool_capacity(&self) -> (usize, usize) {
         (self.pool_cap, self.extra_cap)
@@ -161,14 +195,19 @@ impl HeadCache {
     fn full_precision(&self, pos: usize, key: bool) -> Option<Vec<f32>> {
         let hd = self.head_dim();
         let row = |buf: &[f16], i: usize| {
-            buf[i * hd..(i + 1) * hd]
+            let mut r: Vec<f32> = buf[i * hd..(i + 1) * hd]
                 .iter()
                 .map(|x| x.to_f32())
-                .collect()
+                .collect();
+            self.unrotate(&mut r);
+            r
         };
         if pos >= self.quantized_len() && pos < self.len() {
             let i = pos - self.quantized_len();
             return Some(row(if key { &self.win_k } else { &self.win_v }, i));
+        }
+        if pos < self.sink_len() {
+            return Some(row(if key { &self.sink_k } else { &self.sink_v }, pos));
         }
         if let Some(i) = self.pool.iter().position(|s| s.pos as usize == pos) {
             return Some(row(if key { &self.pool_k } else { &self.pool_v }, i));
@@ -177,7 +216,16 @@ impl HeadCache {
         Some(row(if key { &self.extra_k } else { &self.extra_v }, i))
     }
 
-    /// Dequantized keys of all quantized slots (scalar reference): `[quantized_len][head_dim]`.
+    /// Rows `[n][head_dim]` from the stored (possibly rotated) space back to the caller's.
+    /// H is its own inverse, so this also rotates caller rows into the stored space.
+    pub(crate) fn unrotate(&self, rows: &mut [f32]) {
+        if self.rot > 0 {
+            hadamard_blocks(rows, self.rot);
+        }
+    }
+
+    /// Dequantized keys of all quantized slots (scalar reference): `[quantized_len][head_dim]`,
+    /// in the caller's space (rotated back when rotation is on).
     pub fn dequantized_keys(&self) -> Vec<f32> {
         let (hd, g, kw) = (self.head_dim(), self.group(), self.key_words());
         let mut out = vec![0f32; self.quantized_len() * hd];
@@ -192,10 +240,12 @@ impl HeadCache {
             )
             .expect("internal layout is consistent");
         }
+        self.unrotate(&mut out);
         out
     }
 
-    /// Dequantized values of all quantized slots: `[quantized_len][head_dim]`.
+    /// Dequantized values of all quantized slots: `[quantized_len][head_dim]`, in the caller's
+    /// space.
     pub fn dequantized_values(&self) -> Vec<f32> {
         let (hd, vw, np) = (self.head_dim(), self.val_words(), self.val_nparams());
         let mut out = vec![0f32; self.quantized_len() * hd];
@@ -209,10 +259,11 @@ impl HeadCache {
             )
             .expect("internal layout is consistent");
         }
+        self.unrotate(&mut out);
         out
     }
 
-    /// Bytes actually allocated, by segment.
+    /// Bytes actually allocated, by segment (sinks count as pool memory).
     pub fn memory(&self) -> MemoryStats {
         let u32s = std::mem::size_of::<u32>();
         let qp = std::mem::size_of::<QParams>();
@@ -225,7 +276,9 @@ impl HeadCache {
             (self.pool_k.capacity()
                 + self.pool_v.capacity()
                 + self.extra_k.capacity()
-                + self.extra_v.capacity())
+                + self.extra_v.capacity()
+                + self.sink_k.capacity()
+                + self.sink_v.capacity())
                 * h,
             self.masks.capacity() * u32s + (self.pool.capacity() + self.extra.capacity()) * slot,
         )
@@ -236,6 +289,18 @@ impl HeadCache {
             Score::L1 => k.map(f32::abs).sum(),
             Score::L2 => k.map(|x| x * x).sum::<f32>().sqrt(),
         }
+    }
+
+    /// Score of a stored key row: the L1 norm is not rotation-invariant, and the paper's
+    /// observation (small-magnitude tokens) is about the model's own keys, so a rotated row is
+    /// scored in the caller's space.
+    fn score_stored(&self, k: impl Iterator<Item = f32>) -> f32 {
+        if self.rot == 0 {
+            return self.score_of(k);
+        }
+        let mut r: Vec<f32> = k.collect(); // [head_dim]
+        self.unrotate(&mut r);
+        self.score_of(r.into_iter())
     }
 
     /// Appends one token whose K and V are finite in f16 (checked by the caller) and flushes
@@ -259,16 +324,27 @@ impl HeadCache {
         let mut kg: Vec<f32> = self.win_k[..g * hd].iter().map(|x| x.to_f32()).collect(); // [G][head_dim]
         let mut vg: Vec<f32> = self.win_v[..g * hd].iter().map(|x| x.to_f32()).collect(); // [G][head_dim]
         let mut mask = vec![0u32; self.mask_words()]; // [mask words]
+                                                      // Slots whose exact copy lives elsewhere (sinks, pool): masked and mean-filled.
+        let mut selected = vec![false; g];
+        let n_sink = self.sink_cap.saturating_sub(base).min(g);
+        for t in 0..n_sink {
+            self.sink_k
+                .extend_from_slice(&self.win_k[t * hd..(t + 1) * hd]);
+            self.sink_v
+                .extend_from_slice(&self.win_v[t * hd..(t + 1) * hd]);
+            selected[t] = true;
+            mask[t / 32] |= 1 << (t % 32);
+        }
         if self.pool_cap > 0 && self.stopped_at.is_none() {
             // Candidates: the pool and the group, smallest score first, ties by position.
             let mut cand: Vec<(f32, i32, Src)> = Vec::with_capacity(self.pool.len() + g);
             for (i, s) in self.pool.iter().enumerate() {
                 let sc =
-                    self.score_of(self.pool_k[i * hd..(i + 1) * hd].iter().map(|x| x.to_f32()));
+                    self.score_stored(self.pool_k[i * hd..(i + 1) * hd].iter().map(|x| x.to_f32()));
                 cand.push((sc, s.pos, Src::Pool(i)));
             }
-            for t in 0..g {
-                let sc = self.score_of(kg[t * hd..(t + 1) * hd].iter().copied());
+            for t in n_sink..g {
+                let sc = self.score_stored(kg[t * hd..(t + 1) * hd].iter().copied());
                 cand.push((sc, (base + t) as i32, Src::Group(t)));
             }
             cand.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
@@ -290,7 +366,6 @@ impl HeadCache {
                 let mut new_slots = Vec::with_capacity(self.pool_cap);
                 let mut new_k = Vec::with_capacity(self.pool_cap * hd); // [pool][head_dim]
                 let mut new_v = Vec::with_capacity(self.pool_cap * hd); // [pool][head_dim]
-                let mut selected = vec![false; g];
                 for c in chosen {
                     match c.2 {
                         Src::Pool(i) => {
@@ -317,10 +392,10 @@ impl HeadCache {
                 self.pool_k.extend_from_slice(&new_k);
                 self.pool_v.clear();
                 self.pool_v.extend_from_slice(&new_v);
-                fill_with_mean_of_others(&mut kg, &selected, hd);
-                fill_with_mean_of_others(&mut vg, &selected, hd);
             }
         }
+        fill_with_mean_of_others(&mut kg, &selected, hd);
+        fill_with_mean_of_others(&mut vg, &selected, hd);
 
         let (kw, vw, np) = (self.key_words(), self.val_words(), self.val_nparams());
         let (kc0, kp0, vc0, vp0) = (

@@ -75,7 +75,7 @@ impl Add for MemoryStats {
 ///
 /// Per (layer, kv-head), with f = max(0, n − R) / G flushed groups, hd = head_dim:
 /// codes = 4·f·(hd·⌈G/cpw_k⌉ + G·⌈hd/cpw_v⌉), params = 4·f·(hd + G·hd/Gv),
-/// window = 2·2·hd·min(R + G, max_tokens), pools = 2·2·hd·(P + E),
+/// window = 2·2·hd·min(R + G, max_tokens), pools = 2·2·hd·(P + E + min(S, max_tokens)),
 /// masks_positions = 4·f·⌈G/32⌉ + 8·(P + E), with (P, E) of that layer.
 pub fn expected_memory(
     config: &CacheConfig,
@@ -99,7 +99,7 @@ pub fn expected_memory(
             4 * f * (hd * kw + g * vw),
             qp * f * (hd + g * (hd / gv)),
             2 * 2 * hd * (r + g).min(shape.max_tokens),
-            2 * 2 * hd * (p + e),
+            2 * 2 * hd * (p + e + (config.sink as usize).min(shape.max_tokens)),
             4 * f * g.div_ceil(32) + slot * (p + e),
         );
         for _ in 0..shape.n_head_kv {

@@ -10,6 +10,12 @@
 //!   masks grow by exactly one group per flush. [`MemoryStats`] reports capacities.
 //! - A layer override's pool size wins over `untraced_layers`; without a pool (P = 0) a layer
 //!   gets no extra pool either (nothing could ever be evicted into it).
+//! - Issue 8 knobs, both off by default (every earlier preset is unchanged): `rotate` stores
+//!   K and V rows Hadamard-rotated over blocks of the largest power of two dividing head_dim,
+//!   rotating q alike and the output back inside `attend`; outlier scores are still taken on
+//!   the unrotated key (L1 is not rotation-invariant). `sink` keeps the first S positions exact
+//!   in f16 as masked slots of their groups, outside the groups' min/max and the pool contest;
+//!   its buffer is allocated up front and reported under `pools`.
 //!
 //! No `unsafe` in this module.
 #![forbid(unsafe_code)]

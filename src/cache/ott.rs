@@ -1,12 +1,15 @@
 //! `OttCache`: all layers and kv-heads, the batch schedule and the engine-facing calls.
 
+use std::borrow::Cow;
 use std::ops::Range;
 
 use half::f16;
 
 use super::attn::{attend_block, attend_row_ref, with_scratch, Dequantized};
+use super::head::HeadSettings;
 use super::{CacheConfig, CacheError, HeadCache, MemoryStats};
 use crate::format::Geometry;
+use crate::quant::hadamard_blocks;
 
 /// Shape of the model's KV cache.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -64,6 +67,9 @@ pub(crate) fn check_shape(config: &CacheConfig, shape: &CacheShape) -> Result<()
     Ok(())
 }
 
+/// K and V rows `[n][n_head_kv][head_dim]` as the heads store them (rotated or not).
+type StoredKv<'a> = (Cow<'a, [f32]>, Cow<'a, [f32]>);
+
 /// The OTT KV cache of one sequence.
 #[derive(Clone, Debug)]
 pub struct OttCache {
@@ -90,15 +96,17 @@ impl OttCache {
         let mut heads = Vec::with_capacity(shape.n_layer * shape.n_head_kv);
         for layer in 0..shape.n_layer {
             let (p, e) = config.pools_for(layer as u32);
+            let st = HeadSettings {
+                residual: config.residual as usize,
+                pool_cap: p as usize,
+                extra_cap: e as usize,
+                score: config.score,
+                window_cap,
+                rot: config.rotation_block(shape.head_dim as u32) as usize,
+                sink_cap: (config.sink as usize).min(shape.max_tokens),
+            };
             for _ in 0..shape.n_head_kv {
-                heads.push(HeadCache::new(
-                    geo,
-                    config.residual as usize,
-                    p as usize,
-                    e as usize,
-                    config.score,
-                    window_cap,
-                ));
+                heads.push(HeadCache::new(geo, st));
             }
         }
         Ok(Self {
@@ -208,8 +216,32 @@ impl OttCache {
         }
     }
 
-    /// Checks `k`/`v` (`[n][n_head_kv][head_dim]`) and the token budget before anything changes.
-    fn check_kv(&self, layer: usize, k: &[f32], v: &[f32], n: usize) -> Result<(), CacheError> {
+    /// Hadamard block of stored rows (0 = none).
+    fn rot(&self) -> usize {
+        self.config.rotation_block(self.shape.head_dim as u32) as usize
+    }
+
+    /// Rows as the heads store them: rotated when rotation is on.
+    fn stored_form<'a>(&self, x: &'a [f32]) -> Cow<'a, [f32]> {
+        match self.rot() {
+            0 => Cow::Borrowed(x),
+            b => {
+                let mut y = x.to_vec();
+                hadamard_blocks(&mut y, b);
+                Cow::Owned(y)
+            }
+        }
+    }
+
+    /// Checks `k`/`v` (`[n][n_head_kv][head_dim]`) and the token budget before anything
+    /// changes; returns them as they will be stored (rotated or not).
+    fn check_kv<'a>(
+        &self,
+        layer: usize,
+        k: &'a [f32],
+        v: &'a [f32],
+        n: usize,
+    ) -> Result<StoredKv<'a>, CacheError> {
         self.check_layer(layer)?;
         let row = self.shape.n_head_kv * self.shape.head_dim;
         let want = n
@@ -228,7 +260,9 @@ impl OttCache {
         }
         // Non-finite (or f16-overflowing) tokens are rejected: kept in f16 they would turn every
         // later attention output into NaN anyway, and quantized they would poison their group.
-        for (tensor, x) in [("k", k), ("v", v)] {
+        // Checked on the stored form: a rotation can push a finite row over f16's range.
+        let (k, v) = (self.stored_form(k), self.stored_form(v));
+        for (tensor, x) in [("k", &k[..]), ("v", &v[..])] {
             if let Some(i) = x.iter().position(|&a| !f16::from_f32(a).is_finite()) {
                 return Err(CacheError::NonFinite {
                     layer,
@@ -240,7 +274,7 @@ impl OttCache {
                 });
             }
         }
-        Ok(())
+        Ok((k, v))
     }
 
     /// Appends `n` tokens to `layer` (`k`, `v`: `[n][n_head_kv][head_dim]`, post-RoPE),
@@ -252,10 +286,11 @@ impl OttCache {
         v: &[f32],
         n: usize,
     ) -> Result<(), CacheError> {
-        self.check_kv(layer, k, v, n)?;
-        self.append_checked(layer, k, v, n)
+        let (k, v) = self.check_kv(layer, k, v, n)?;
+        self.append_checked(layer, &k, &v, n)
     }
 
+    /// Appends rows already in stored form (see [`Self::check_kv`]).
     fn append_checked(
         &mut self,
         layer: usize,
@@ -342,20 +377,40 @@ impl OttCache {
         let hd = self.shape.head_dim;
         let len = self.lens[layer];
         let heads = self.layer_heads(layer);
+        // Rotated cache: q·k = (Hq)·(Hk), and Σ p·(Hv) = H·(Σ p·v), so the rows of this call
+        // are rotated once here and the outputs rotated back once below.
+        let rot = self.rot();
+        let q_rows = &q[rows.start * hd..rows.end * hd]; // [rows][head_dim]
+        let q_rot: Vec<f32>;
+        let q_rows = if rot > 0 {
+            q_rot = {
+                let mut qr = q_rows.to_vec();
+                hadamard_blocks(&mut qr, rot);
+                qr
+            };
+            &q_rot[..]
+        } else {
+            q_rows
+        };
+        let out_all = &mut *out;
         with_scratch(|s1, s| {
             // Blocks of consecutive rows with the same token and kv head: their query heads
             // share every unpacked code word (GQA).
-            let (mut r, mut out) = (rows.start, out);
+            let (mut r, mut out) = (rows.start, &mut *out_all);
             while r < rows.end {
                 let (i, h) = (r / n_head, r % n_head);
                 let end = (i * n_head + (h / rep + 1) * rep).min(rows.end);
                 let (o, rest) = out.split_at_mut((end - r) * hd);
                 let head = &heads[h / rep];
                 let n_window = len - n + i + 1 - head.quantized_len();
-                attend_block(head, &q[r * hd..end * hd], scale, n_window, s1, s, o);
+                let qb = &q_rows[(r - rows.start) * hd..(end - rows.start) * hd];
+                attend_block(head, qb, scale, n_window, s1, s, o);
                 (r, out) = (end, rest);
             }
         });
+        if rot > 0 {
+            hadamard_blocks(out_all, rot);
+        }
         Ok(())
     }
 
@@ -471,7 +526,7 @@ impl OttCache {
         out: &mut [f32],
         threads: Option<usize>,
     ) -> Result<(), CacheError> {
-        self.check_kv(layer, k, v, n)?;
+        let (k, v) = self.check_kv(layer, k, v, n)?;
         let nkv = self.shape.n_head_kv;
         if n_head == 0 || n_head % nkv != 0 {
             return Err(CacheError::Heads {

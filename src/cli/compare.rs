@@ -282,7 +282,13 @@ fn plot(results: &[RowResult], n_ctx: usize, path: &Path) -> Result<()> {
     // The reference row has no KLD (and a log axis cannot show 0): it is the frame of reference.
     let points: Vec<Point> = results
         .iter()
-        .filter_map(|r| Some(Point { label: short(r), x: r.bits_per_element, y: r.kld_mean.filter(|k| *k > 0.0)? }))
+        .filter_map(|r| {
+            Some(Point {
+                label: short(r),
+                x: r.bits_per_element,
+                y: r.kld_mean.filter(|k| *k > 0.0)?,
+            })
+        })
         .collect();
     let axes = Axes {
         title: format!("KL divergence vs llama.cpp f16, n_ctx {n_ctx}"),
@@ -291,7 +297,8 @@ fn plot(results: &[RowResult], n_ctx: usize, path: &Path) -> Result<()> {
         log_x: false,
         log_y: true,
     };
-    scatter_png(&points, &axes, path).map_err(|e| Error::InvalidArgument(format!("plot {}: {e}", path.display())))
+    scatter_png(&points, &axes, path)
+        .map_err(|e| Error::InvalidArgument(format!("plot {}: {e}", path.display())))
 }
 
 pub(crate) fn plot_bench(results: &[crate::eval::bench::BenchResult], path: &Path) -> Result<()> {
@@ -301,7 +308,10 @@ pub(crate) fn plot_bench(results: &[crate::eval::bench::BenchResult], path: &Pat
         let label = format!("{} {}", r.engine.name(), r.cache);
         match series.iter_mut().find(|s| s.label == label) {
             Some(s) => s.points.push((r.ctx as f64, r.decode_tok_s)),
-            None => series.push(Series { label, points: vec![(r.ctx as f64, r.decode_tok_s)] }),
+            None => series.push(Series {
+                label,
+                points: vec![(r.ctx as f64, r.decode_tok_s)],
+            }),
         }
     }
     let axes = Axes {
@@ -311,5 +321,6 @@ pub(crate) fn plot_bench(results: &[crate::eval::bench::BenchResult], path: &Pat
         log_x: true,
         log_y: false,
     };
-    lines_png(&series, &axes, path).map_err(|e| Error::InvalidArgument(format!("plot {}: {e}", path.display())))
+    lines_png(&series, &axes, path)
+        .map_err(|e| Error::InvalidArgument(format!("plot {}: {e}", path.display())))
 }

@@ -1,0 +1,34 @@
+//! Writes a random-weight llama model with planted outlier key channels (issue 8's robustness
+//! check: llama.cpp's q4_0 cache degrades on such keys, a per-channel cache should not).
+//!
+//! `cargo run --release --example write_outlier_model -- OUT.gguf [SCALE] [CHANNELS]`
+//! (defaults: scale 16, channels `3,17,42` of every kv head). The model is larger than
+//! `SyntheticSpec::small` (4 layers, 2048 context) so that `compare -c 512` has several groups
+//! to quantize per chunk.
+
+use ottkv::model::synthetic::{synthetic_model, Arch, SyntheticSpec};
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let mut args = std::env::args().skip(1);
+    let out = args
+        .next()
+        .ok_or("usage: write_outlier_model OUT.gguf [SCALE] [CHANNELS]")?;
+    let scale: f32 = args.next().map(|s| s.parse()).transpose()?.unwrap_or(16.0);
+    let channels: Vec<u32> = args
+        .next()
+        .unwrap_or_else(|| "3,17,42".into())
+        .split(',')
+        .map(str::parse)
+        .collect::<Result<_, _>>()?;
+    let spec = SyntheticSpec {
+        n_layer: 4,
+        n_ctx_train: 2048,
+        seed: 8,
+        outlier_channels: channels,
+        outlier_scale: scale,
+        ..SyntheticSpec::small(Arch::Llama)
+    };
+    synthetic_model(&spec)?.write_to(std::path::Path::new(&out))?;
+    eprintln!("wrote {out}: {spec:?}");
+    Ok(())
+}
