@@ -116,7 +116,7 @@ impl CacheConfig {
         }
     }
 
-    /// `ott3`: the quality frontier at 3.0 bits per quantized element (issue 8). Keys and
+    /// `ott3`: the quality frontier at 3.0 bits per quantized element. Keys and
     /// values Hadamard-rotated; keys 3-bit per channel over G = 128 tokens (13 words of ten
     /// 3-bit codes + f16 scale/min per channel: 3.5 bits), values 2-bit per token over
     /// Gv = min(128, head_dim) channels (2.5 bits at head_dim 64); the first 4 tokens exact;
