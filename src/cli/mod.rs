@@ -34,6 +34,8 @@ enum Command {
     /// Perplexity with llama-perplexity's protocol, for one or more caches.
     Perplexity(compare::PerplexityArgs),
     /// Quality, memory and speed of every cache type against llama.cpp's own, in one run.
+    // A later option overrides an earlier one, so wrappers can pass defaults and users theirs.
+    #[command(args_override_self = true)]
     Compare(compare::CompareArgs),
     /// Prompt and decode speed at several filled contexts, llama.cpp's caches and ours.
     Bench(bench::Args),
