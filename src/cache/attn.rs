@@ -331,7 +331,7 @@ fn exp_sum(x: &mut [f32], max: f32) -> f32 {
 /// `Σ a_i·b_i` in 8 fixed lanes: a plain `.sum()` is one serial add chain that LLVM may not
 /// reorder, which made the few f16 tokens cost as much as thousands of quantized ones.
 #[inline(always)]
-fn dot_lanes(a: &[f32], b: &[f32]) -> f32 {
+pub(crate) fn dot_lanes(a: &[f32], b: &[f32]) -> f32 {
     let mut lanes = [0f32; 8];
     let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
     let tail: f32 = ca

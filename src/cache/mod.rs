@@ -27,6 +27,7 @@ mod head;
 mod memory;
 mod ott;
 
+pub(crate) use attn::dot_lanes;
 pub use config::{CacheConfig, LayerOverride, Score, PRESETS};
 pub use error::CacheError;
 pub use head::HeadCache;

@@ -1,6 +1,8 @@
 //! Exact causal attention in f32 over plain K/V: the ground truth error figures are measured
 //! against, and the attention used for simulated llama.cpp caches.
 
+use crate::cache::dot_lanes;
+
 /// Shapes of one layer's attention.
 #[derive(Clone, Copy, Debug)]
 pub struct AttnShape {
@@ -50,7 +52,7 @@ pub fn causal_attention(
                         let mut m = f32::NEG_INFINITY;
                         for (j, sj) in scores[..=t].iter_mut().enumerate() {
                             let kv = &k[(j * nkv + kh) * hd..][..hd];
-                            *sj = dot(qv, kv) * scale;
+                            *sj = dot_lanes(qv, kv) * scale;
                             m = m.max(*sj);
                         }
                         let mut z = 0f32;
@@ -73,24 +75,6 @@ pub fn causal_attention(
         }
     });
     out
-}
-
-/// Dot product with 8 independent accumulators, so LLVM vectorises it.
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ca
-        .remainder()
-        .iter()
-        .zip(cb.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in ca.zip(cb) {
-        for i in 0..8 {
-            acc[i] += x[i] * y[i];
-        }
-    }
-    acc.iter().sum::<f32>() + tail
 }
 
 #[cfg(test)]

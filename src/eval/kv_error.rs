@@ -172,19 +172,6 @@ fn summarize(name: &str, per_layer: Vec<LayerError>, bytes_per_token: f64) -> Ca
     }
 }
 
-/// llama.cpp's rotation block sizes for K and V at this head size (0 = no rotation), as
-/// `llama_kv_cache` chooses them.
-fn llama_rotation(head_dim: usize) -> (usize, usize) {
-    if head_dim % 64 != 0 {
-        return (0, 0);
-    }
-    let mut nk = 64;
-    while head_dim % (2 * nk) == 0 {
-        nk *= 2;
-    }
-    (nk, 64)
-}
-
 /// f16 or a ggml block type: every token (the current one included) is read back from the
 /// quantized cache, as in llama.cpp.
 fn simulate_plain(
@@ -213,7 +200,11 @@ fn simulate_plain(
                     )));
                 }
                 bytes_per_elem = tsize as f64 / blck as f64;
-                let (rk, rv) = if rotate { llama_rotation(hd) } else { (0, 0) };
+                let (rk, rv) = if rotate {
+                    crate::quant::llama_rotation_blocks(hd)
+                } else {
+                    (0, 0)
+                };
                 (
                     ggml_roundtrip(ty, &d.k[l], rk)?,
                     ggml_roundtrip(ty, &d.v[l], rv)?,

@@ -54,18 +54,6 @@ pub(crate) struct KvInputs<'c> {
     pub n_kv: usize,
 }
 
-/// llama.cpp's rotation block sizes (K, V) for a quantized cache at this head size.
-fn llama_rotation(head_dim: usize) -> (usize, usize) {
-    if head_dim % 64 != 0 {
-        return (0, 0);
-    }
-    let mut nk = 64;
-    while head_dim % (2 * nk) == 0 {
-        nk *= 2;
-    }
-    (nk, 64)
-}
-
 pub(crate) struct GgmlKv {
     ctx: Context,
     // [hd * n_head_kv, n_ctx] per layer, raw pointers into `ctx`
@@ -105,7 +93,11 @@ impl GgmlKv {
         // llama.cpp rounds its cache up to whole 256-cell pads; the same cell count gives the
         // same attended lengths, hence bit-identical flash attention.
         let n_ctx = n_ctx.div_ceil(256) * 256;
-        let (rk, rv) = if rotate { llama_rotation(hd) } else { (0, 0) };
+        let (rk, rv) = if rotate {
+            crate::quant::llama_rotation_blocks(hd)
+        } else {
+            (0, 0)
+        };
         // SAFETY: pure size computation.
         let bytes =
             2 * hp.n_layer as usize * unsafe { sys::ggml_row_size(ty, (row * n_ctx) as i64) };

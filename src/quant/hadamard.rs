@@ -22,6 +22,20 @@ pub fn hadamard_blocks(x: &mut [f32], n: usize) {
     }
 }
 
+/// The rotation block sizes (K, V) llama.cpp's KV cache uses for quantized types at this head
+/// size, 0 meaning no rotation: K rotates over the largest power of two (from 64) dividing
+/// head_dim, V over 64-channel blocks; head sizes not a multiple of 64 are not rotated.
+pub fn llama_rotation_blocks(head_dim: usize) -> (usize, usize) {
+    if head_dim % 64 != 0 {
+        return (0, 0);
+    }
+    let mut nk = 64;
+    while head_dim % (2 * nk) == 0 {
+        nk *= 2;
+    }
+    (nk, 64)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -43,6 +57,14 @@ mod tests {
             s *= 2;
         }
         m
+    }
+
+    #[test]
+    fn rotation_blocks_follow_llama_cpp() {
+        assert_eq!(llama_rotation_blocks(64), (64, 64));
+        assert_eq!(llama_rotation_blocks(128), (128, 64));
+        assert_eq!(llama_rotation_blocks(192), (64, 64));
+        assert_eq!(llama_rotation_blocks(8), (0, 0));
     }
 
     #[test]

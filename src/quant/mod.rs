@@ -8,7 +8,7 @@ mod hadamard;
 mod minmax;
 mod pack;
 
-pub use hadamard::hadamard_blocks;
+pub use hadamard::{hadamard_blocks, llama_rotation_blocks};
 pub use minmax::{
     dequantize_key_group, dequantize_value_row, f16_round, minmax_params, param_min, param_scale,
     quantize_group, quantize_key_group, quantize_one, quantize_value_row,
