@@ -21,7 +21,7 @@ use half::{f16, slice::HalfFloatSliceExt};
 
 use super::HeadCache;
 use crate::format::QParams;
-use crate::quant::{param_min, param_scale};
+use crate::quant::{code_at, param_min, param_scale};
 
 /// Reusable per-thread buffers of the fast path.
 #[derive(Default)]
@@ -141,8 +141,9 @@ fn dot_f16(q: &[f32], k: &[f16]) -> f32 {
     q.iter().zip(k).map(|(&a, b)| a * b.to_f32()).sum()
 }
 
-/// Scores of one key group: `Σ_c (q_c·scale_c)·code_c + Σ_c q_c·min_c`, one packed word
-/// (`32 / B` tokens of one channel) at a time so the inner loop is a fixed-width FMA.
+/// Scores of one key group: `Σ_c (q_c·scale_c)·code_c + Σ_c q_c·min_c`, 32 tokens of one
+/// channel (`B` packed words, read as one 128-bit stream) at a time so the inner loop is a
+/// fixed-width FMA and 3-bit codes that straddle words need no special case.
 #[inline]
 fn key_scores<const B: u32>(
     codes: &[u32],      // [head_dim][kw]
@@ -152,24 +153,27 @@ fn key_scores<const B: u32>(
     kw: usize,
     dst: &mut [f32], // [G]
 ) {
-    let cpw = (32 / B) as usize;
-    let mask = (1u32 << B) - 1;
+    let mask = (1u128 << B) - 1;
     let mut bias = 0f32;
     for ((s, &q), p) in qs.iter_mut().zip(qq).zip(params) {
         *s = q * param_scale(*p);
         bias += q * param_min(*p);
     }
     let g = dst.len();
-    for w in 0..kw {
-        let mut acc = [0f32; 16];
+    for (ci, w0) in (0..kw).step_by(B as usize).enumerate() {
+        let mut acc = [0f32; 32];
         for (c, &s) in qs.iter().enumerate() {
-            let word = codes[c * kw + w];
-            for (j, a) in acc.iter_mut().enumerate().take(cpw) {
-                *a += s * ((word >> (B * j as u32)) & mask) as f32;
+            let run = &codes[c * kw + w0..c * kw + kw.min(w0 + B as usize)];
+            let stream = run
+                .iter()
+                .enumerate()
+                .fold(0u128, |x, (i, &w)| x | u128::from(w) << (32 * i));
+            for (j, a) in acc.iter_mut().enumerate() {
+                *a += s * ((stream >> (B * j as u32)) & mask) as f32;
             }
         }
-        let t0 = w * cpw;
-        let n = cpw.min(g - t0);
+        let t0 = ci * 32;
+        let n = 32.min(g - t0);
         for (d, a) in dst[t0..t0 + n].iter_mut().zip(&acc) {
             *d = a + bias;
         }
@@ -188,7 +192,8 @@ fn value_acc<const B: u32>(
 ) {
     let cpw = (32 / B) as usize;
     let mask = (1u32 << B) - 1;
-    if gv % cpw == 0 {
+    if 32 % B == 0 && gv % cpw == 0 {
+        // Whole words per value group (2- and 4-bit codes).
         let wpg = gv / cpw;
         for (j, prm) in params.iter().enumerate() {
             let ps = p * param_scale(*prm);
@@ -207,8 +212,7 @@ fn value_acc<const B: u32>(
             let ps = p * param_scale(*prm);
             min_acc[j] += p * param_min(*prm);
             for c in j * gv..(j + 1) * gv {
-                let code = (codes[c / cpw] >> (B * (c % cpw) as u32)) & mask;
-                out[c] += ps * code as f32;
+                out[c] += ps * f32::from(code_at(codes, B, c));
             }
         }
     }

@@ -14,7 +14,7 @@ use std::str::FromStr;
 
 use super::CacheError;
 use crate::format::{
-    codes_per_word, DEFAULT_EXTRA, DEFAULT_GROUP, DEFAULT_POOL, DEFAULT_RESIDUAL,
+    DEFAULT_EXTRA, DEFAULT_GROUP, DEFAULT_POOL, DEFAULT_RESIDUAL,
     DEFAULT_UNTRACED_LAYERS, KIVI_GROUP, KIVI_RESIDUAL, MAX_BITS, MIN_BITS,
 };
 
@@ -174,7 +174,6 @@ impl CacheConfig {
                 ),
             );
         }
-        debug_assert!(self.group % codes_per_word(2) == 0 && self.group % codes_per_word(4) == 0);
         if self.residual > MAX_RESIDUAL {
             return bad(
                 "residual",
