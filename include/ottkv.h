@@ -70,6 +70,8 @@ typedef struct ottkv_layer_override {
     uint32_t layer;
     int32_t pool;  /* < 0: keep the global pool (P) */
     int32_t extra; /* < 0: keep the global extra pool (E) */
+    int32_t key_bits;   /* < 0: keep the global key bits */
+    int32_t value_bits; /* < 0: keep the global value bits */
 } ottkv_layer_override;
 
 /*

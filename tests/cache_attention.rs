@@ -172,6 +172,9 @@ const SPECS: &[&str] = &[
     "ott:g=16,r=0,p=3,e=2,t=0,rot=1,sink=20",
     "ott2-p0:g=32,r=4,sink=3",
     "ott3",
+    // Per-layer bits (these tests have one layer): the layer's widths select the path.
+    "ott3:g=32,r=8,t=0,k@0=2,v@0=3",
+    "ott3:g=48,r=8,t=0,k@0=4",
 ];
 
 #[test]

@@ -74,7 +74,7 @@ impl Add for MemoryStats {
 /// Closed form of [`super::OttCache::memory`] after `n_tokens` tokens went through every layer.
 ///
 /// Per (layer, kv-head), with f = max(0, n − R) / G flushed groups, hd = head_dim:
-/// codes = 4·f·(hd·⌈G/cpw_k⌉ + G·⌈hd/cpw_v⌉), params = 4·f·(hd + G·hd/Gv),
+/// codes = 4·f·(hd·⌈G·b_k/32⌉ + G·⌈hd·b_v/32⌉) with that layer's bits, params = 4·f·(hd + G·hd/Gv),
 /// window = 2·2·hd·min(R + G, max_tokens), pools = 2·2·hd·(P + E + min(S, max_tokens)),
 /// masks_positions = 4·f·⌈G/32⌉ + 8·(P + E), with (P, E) of that layer.
 pub fn expected_memory(
@@ -87,14 +87,15 @@ pub fn expected_memory(
     let (g, r) = (config.group as usize, config.residual as usize);
     let gv = config.value_group_for(hd as u32) as usize;
     let f = n_tokens.saturating_sub(r) / g;
-    let kw = words_for(g as u32, config.key_bits) as usize;
-    let vw = words_for(hd as u32, config.value_bits) as usize;
     let qp = std::mem::size_of::<QParams>();
     let slot = std::mem::size_of::<OutlierSlot>();
     let mut total = MemoryStats::default();
     for layer in 0..shape.n_layer {
         let (p, e) = config.pools_for(layer as u32);
         let (p, e) = (p as usize, e as usize);
+        let (kb, vb) = config.bits_for(layer as u32);
+        let kw = words_for(g as u32, kb) as usize;
+        let vw = words_for(hd as u32, vb) as usize;
         let one = MemoryStats::new(
             4 * f * (hd * kw + g * vw),
             qp * f * (hd + g * (hd / gv)),

@@ -73,6 +73,8 @@ fn config_from_c(c: &ottkv_cache_config) -> CResult<CacheConfig> {
             layer: o.layer,
             pool: u32::try_from(o.pool).ok(),
             extra: u32::try_from(o.extra).ok(),
+            key_bits: u32::try_from(o.key_bits).ok(),
+            value_bits: u32::try_from(o.value_bits).ok(),
         })
         .collect();
     // C callers list overrides in any order; the Rust config wants them sorted (duplicates are
@@ -134,6 +136,8 @@ fn override_to_c(o: &LayerOverride) -> ottkv_layer_override {
         layer: o.layer,
         pool: c(o.pool),
         extra: c(o.extra),
+        key_bits: c(o.key_bits),
+        value_bits: c(o.value_bits),
     }
 }
 

@@ -74,6 +74,8 @@ pub struct ottkv_layer_override {
     pub layer: u32,
     pub pool: i32,
     pub extra: i32,
+    pub key_bits: i32,
+    pub value_bits: i32,
 }
 
 /// `ottkv_cache_config`.
