@@ -92,6 +92,7 @@ typedef struct ottkv_cache_config {
     uint32_t rotate;          /* 1: Walsh-Hadamard-rotate K/V before storing (invisible to
                                  callers; the ott3 preset), 0: off */
     uint32_t sink;            /* the first `sink` tokens stay exact f16 forever (0: none) */
+    uint32_t window_bits;     /* 16: window, sinks and pools in f16; 8: in q8_0 blocks */
     const ottkv_layer_override *overrides; /* n_overrides entries, any order, distinct layers */
     size_t n_overrides;
 } ottkv_cache_config;

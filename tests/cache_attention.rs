@@ -175,6 +175,9 @@ const SPECS: &[&str] = &[
     // Per-layer bits (these tests have one layer): the layer's widths select the path.
     "ott3:g=32,r=8,t=0,k@0=2,v@0=3",
     "ott3:g=48,r=8,t=0,k@0=4",
+    // Window, sinks and pools in q8 blocks.
+    "ott3:g=32,r=8,t=0,p=3,e=4,wb=8",
+    "ott:g=16,r=0,p=3,e=2,t=0,sink=20,wb=8",
 ];
 
 #[test]

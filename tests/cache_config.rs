@@ -118,6 +118,7 @@ fn spec_errors_name_the_field() {
         ("ott:k@4-2=3", "k@4-2"),
         ("ott:k@0-99999=3", "k@0-99999"),
         ("ott:q@1=3", "q@1"),
+        ("ott:wb=4", "window_bits"),
         ("ott:k", "k"),
         ("nope", "preset"),
     ] {

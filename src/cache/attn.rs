@@ -30,6 +30,7 @@ pub(crate) struct Scratch {
     qs: Vec<f32>,      // [head_dim] query folded into one group's scales
     qq: Vec<f32>,      // [head_dim] query pre-multiplied by the softmax scale
     min_acc: Vec<f32>, // [head_dim / value_group]
+    kf: Vec<f32>,      // [tokens outside groups][head_dim] their K, then their V
 }
 
 /// Attends `q` (`[head_dim]`) over all quantized slots and pools of `h` and over the first
@@ -74,17 +75,10 @@ pub(crate) fn attend_row(
             }
         }
     }
-    let f16_segments = [
-        (&h.sink_k, ns, nq),
-        (&h.pool_k, np, nq + ns),
-        (&h.extra_k, ne, nq + ns + np),
-        (&h.win_k, n_window, nq + ns + np + ne),
-    ];
-    for (keys, n, off) in f16_segments {
-        for t in 0..n {
-            let k = &keys[t * hd..(t + 1) * hd];
-            s.scores[off + t] = dot_f16(&s.qq, k);
-        }
+    let nf = ns + np + ne + n_window;
+    unpacked_rows(h, true, n_window, &mut s.kf);
+    for (d, k) in s.scores[nq..nq + nf].iter_mut().zip(s.kf.chunks_exact(hd)) {
+        *d = dot(&s.qq, k);
     }
 
     let max = s.scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
@@ -118,18 +112,10 @@ pub(crate) fn attend_row(
     for (c, o) in out.iter_mut().enumerate() {
         *o += s.min_acc[c / gv];
     }
-    let f16_segments = [
-        (&h.sink_v, ns, nq),
-        (&h.pool_v, np, nq + ns),
-        (&h.extra_v, ne, nq + ns + np),
-        (&h.win_v, n_window, nq + ns + np + ne),
-    ];
-    for (vals, n, off) in f16_segments {
-        for t in 0..n {
-            let p = s.scores[off + t];
-            for (o, v) in out.iter_mut().zip(&vals[t * hd..(t + 1) * hd]) {
-                *o += p * v.to_f32();
-            }
+    unpacked_rows(h, false, n_window, &mut s.kf);
+    for (&p, v) in s.scores[nq..nq + nf].iter().zip(s.kf.chunks_exact(hd)) {
+        for (o, &x) in out.iter_mut().zip(v) {
+            *o += p * x;
         }
     }
     let inv = 1.0 / sum;
@@ -137,8 +123,28 @@ pub(crate) fn attend_row(
 }
 
 #[inline]
-fn dot_f16(q: &[f32], k: &[f16]) -> f32 {
-    q.iter().zip(k).map(|(&a, b)| a * b.to_f32()).sum()
+fn dot(q: &[f32], k: &[f32]) -> f32 {
+    q.iter().zip(k).map(|(&a, &b)| a * b).sum()
+}
+
+/// K (`key`) or V rows kept outside quantized groups, in score-buffer order (sinks, pool,
+/// extra pool, the first `n_window` window tokens), as f32 into `out`.
+fn unpacked_rows(h: &HeadCache, key: bool, n_window: usize, out: &mut Vec<f32>) {
+    let hd = h.head_dim();
+    let segs = if key {
+        [&h.sink_k, &h.pool_k, &h.extra_k, &h.win_k]
+    } else {
+        [&h.sink_v, &h.pool_v, &h.extra_v, &h.win_v]
+    };
+    let n: usize = segs[..3].iter().map(|r| r.len()).sum::<usize>() + n_window;
+    out.clear();
+    out.resize(n * hd, 0.0);
+    let mut off = 0;
+    for (i, seg) in segs.iter().enumerate() {
+        let rows = if i == 3 { n_window } else { seg.len() };
+        seg.to_f32(0, rows, &mut out[off..off + rows * hd]);
+        off += rows * hd;
+    }
 }
 
 /// Scores of one key group: `Σ_c (q_c·scale_c)·code_c + Σ_c q_c·min_c`, 32 tokens of one
@@ -578,24 +584,11 @@ pub(crate) fn attend_block(
         }
     }
 
-    // f16 tokens: sinks, pool, extra pool, visible window, converted once for all rows.
-    let f16_seg = |k: bool| {
-        let (sk, p, e, w) = if k {
-            (&h.sink_k, &h.pool_k, &h.extra_k, &h.win_k)
-        } else {
-            (&h.sink_v, &h.pool_v, &h.extra_v, &h.win_v)
-        };
-        [&sk[..], &p[..], &e[..], &w[..n_window * hd]]
-    };
-    for (buf, segs) in [(&mut s.kf, f16_seg(true)), (&mut s.vf, f16_seg(false))] {
-        buf.clear();
-        buf.resize(nf * hd, 0.0);
-        let mut off = 0;
-        for seg in segs {
-            seg.convert_to_f32_slice(&mut buf[off..off + seg.len()]);
-            off += seg.len();
-        }
-    }
+    // Tokens outside quantized groups: sinks, pool, extra pool, visible window, converted
+    // once for all rows.
+    unpacked_rows(h, true, n_window, &mut s.kf);
+    unpacked_rows(h, false, n_window, &mut s.vf);
+    debug_assert_eq!(s.kf.len(), nf * hd);
     for r in 0..rows {
         let qr = &s.qq[r * hd..(r + 1) * hd];
         let dst = &mut s.scores[r * total + nq..(r + 1) * total];
@@ -719,8 +712,9 @@ pub(crate) fn attend_row_ref(
     out: &mut [f32],
 ) {
     let hd = h.head_dim();
-    let to32 = |x: &[f16]| -> Vec<f32> {
-        let mut r: Vec<f32> = x.iter().map(|v| v.to_f32()).collect();
+    let to32 = |x: &super::rows::Rows, n: usize| -> Vec<f32> {
+        let mut r = vec![0f32; n * hd];
+        x.to_f32(0, n, &mut r);
         h.unrotate(&mut r);
         r
     };
@@ -732,14 +726,15 @@ pub(crate) fn attend_row_ref(
             values.extend_from_slice(&d.values[t * hd..(t + 1) * hd]);
         }
     }
-    keys.extend(to32(&h.sink_k));
-    keys.extend(to32(&h.pool_k));
-    keys.extend(to32(&h.extra_k));
-    keys.extend(to32(&h.win_k[..n_window * hd]));
-    values.extend(to32(&h.sink_v));
-    values.extend(to32(&h.pool_v));
-    values.extend(to32(&h.extra_v));
-    values.extend(to32(&h.win_v[..n_window * hd]));
+    for (k, v, n) in [
+        (&h.sink_k, &h.sink_v, h.sink_k.len()),
+        (&h.pool_k, &h.pool_v, h.pool_k.len()),
+        (&h.extra_k, &h.extra_v, h.extra_k.len()),
+        (&h.win_k, &h.win_v, n_window),
+    ] {
+        keys.extend(to32(k, n));
+        values.extend(to32(v, n));
+    }
     let scores: Vec<f32> = keys
         .chunks(hd)
         .map(|k| k.iter().zip(q).map(|(a, b)| a * b).sum::<f32>() * scale)

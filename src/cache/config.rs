@@ -5,7 +5,8 @@
 //! residual window, `p` pool, `e` extra pool, `t` untraced leading layers, `s` score (`l1`|`l2`),
 //! `gv` value group (`auto` = min(G, head_dim)), `p@L` / `e@L` / `k@L` / `v@L` pool, extra
 //! pool, key bits and value bits of layer L (`L` may be a range `A-B`, both ends included),
-//! `rot` Hadamard rotation (`0`|`1`), `sink` exact leading tokens. `s` given a number
+//! `rot` Hadamard rotation (`0`|`1`), `sink` exact leading tokens, `wb` bits (16|8) of the
+//! window, sinks and pools. `s` given a number
 //! (`s=4`) means `sink` (scores are only ever `l1`/`l2`, so the two cannot be confused).
 //! `Display` writes the fully explicit `ott:` form, which parses back to an equal config; `rot`
 //! and `sink` appear only when set, so the pre-existing presets print as they always did.
@@ -81,6 +82,9 @@ pub struct CacheConfig {
     /// are masked out of their quantized group like pool tokens, leave the group's min/max, and
     /// never compete for the outlier pool. Default 0.
     pub sink: u32,
+    /// Bits of the tokens kept outside quantized groups (window, sinks, pools): 16 = f16 (the
+    /// method's full precision), 8 = llama.cpp's q8_0 blocks. Default 16.
+    pub window_bits: u32,
 }
 
 impl Default for CacheConfig {
@@ -109,6 +113,7 @@ impl CacheConfig {
             overrides: Vec::new(),
             rotate: false,
             sink: 0,
+            window_bits: 16,
         }
     }
 
@@ -184,6 +189,9 @@ impl CacheConfig {
                 "residual",
                 format!("{} above {MAX_RESIDUAL}", self.residual),
             );
+        }
+        if self.window_bits != 16 && self.window_bits != 8 {
+            return bad("window_bits", format!("{} is not 16 or 8", self.window_bits));
         }
         if self.sink > MAX_SINK {
             return bad("sink", format!("{} above {MAX_SINK}", self.sink));
@@ -332,6 +340,7 @@ impl FromStr for CacheConfig {
                     }
                 }
                 "sink" => c.sink = num()?,
+                "wb" => c.window_bits = num()?,
                 "rot" => {
                     c.rotate = match val {
                         "0" | "false" | "off" => false,
@@ -344,7 +353,7 @@ impl FromStr for CacheConfig {
                     let (what, layer) = key.split_once('@').ok_or_else(|| {
                         err(
                             key,
-                            "unknown field (k v g r p e t s gv rot sink p@L e@L k@L v@L)".into(),
+                            "unknown field (k v g r p e t s gv rot sink wb p@L e@L k@L v@L)".into(),
                         )
                     })?;
                     let layer_num = |s: &str| {
@@ -415,6 +424,9 @@ impl fmt::Display for CacheConfig {
         }
         if self.sink > 0 {
             write!(f, ",sink={}", self.sink)?;
+        }
+        if self.window_bits != 16 {
+            write!(f, ",wb={}", self.window_bits)?;
         }
         for o in &self.overrides {
             if let Some(p) = o.pool {

@@ -75,7 +75,8 @@ impl Add for MemoryStats {
 ///
 /// Per (layer, kv-head), with f = max(0, n − R) / G flushed groups, hd = head_dim:
 /// codes = 4·f·(hd·⌈G·b_k/32⌉ + G·⌈hd·b_v/32⌉) with that layer's bits, params = 4·f·(hd + G·hd/Gv),
-/// window = 2·2·hd·min(R + G, max_tokens), pools = 2·2·hd·(P + E + min(S, max_tokens)),
+/// window = 2·row·min(R + G, max_tokens), pools = 2·row·(P + E + min(S, max_tokens)) with
+/// row the bytes of one stored row (2·hd for f16, hd + 2·hd/block for q8),
 /// masks_positions = 4·f·⌈G/32⌉ + 8·(P + E), with (P, E) of that layer.
 pub fn expected_memory(
     config: &CacheConfig,
@@ -88,6 +89,7 @@ pub fn expected_memory(
     let gv = config.value_group_for(hd as u32) as usize;
     let f = n_tokens.saturating_sub(r) / g;
     let qp = std::mem::size_of::<QParams>();
+    let row = super::RowPrecision::new(config.window_bits, hd).row_bytes(hd);
     let slot = std::mem::size_of::<OutlierSlot>();
     let mut total = MemoryStats::default();
     for layer in 0..shape.n_layer {
@@ -99,8 +101,8 @@ pub fn expected_memory(
         let one = MemoryStats::new(
             4 * f * (hd * kw + g * vw),
             qp * f * (hd + g * (hd / gv)),
-            2 * 2 * hd * (r + g).min(shape.max_tokens),
-            2 * 2 * hd * (p + e + (config.sink as usize).min(shape.max_tokens)),
+            2 * row * (r + g).min(shape.max_tokens),
+            2 * row * (p + e + (config.sink as usize).min(shape.max_tokens)),
             4 * f * g.div_ceil(32) + slot * (p + e),
         );
         for _ in 0..shape.n_head_kv {

@@ -7,7 +7,7 @@ use half::f16;
 
 use super::attn::{attend_block, attend_row_ref, with_scratch, Dequantized};
 use super::head::HeadSettings;
-use super::{CacheConfig, CacheError, HeadCache, MemoryStats};
+use super::{CacheConfig, CacheError, HeadCache, MemoryStats, RowPrecision};
 use crate::format::Geometry;
 use crate::quant::hadamard_blocks;
 
@@ -105,6 +105,7 @@ impl OttCache {
                 window_cap,
                 rot: config.rotation_block(shape.head_dim as u32) as usize,
                 sink_cap: (config.sink as usize).min(shape.max_tokens),
+                rows: RowPrecision::new(config.window_bits, shape.head_dim),
             };
             for _ in 0..shape.n_head_kv {
                 heads.push(HeadCache::new(geo_of(config.bits_for(layer as u32)), st));

@@ -102,6 +102,7 @@ fn config_from_c(c: &ottkv_cache_config) -> CResult<CacheConfig> {
             }
         },
         sink: c.sink,
+        window_bits: c.window_bits,
     };
     cfg.validate()?;
     Ok(cfg)
@@ -124,6 +125,7 @@ fn config_to_c(c: &CacheConfig) -> ottkv_cache_config {
         value_group: c.value_group.unwrap_or(0),
         rotate: u32::from(c.rotate),
         sink: c.sink,
+        window_bits: c.window_bits,
         overrides: std::ptr::null(),
         n_overrides: 0,
     }
