@@ -119,6 +119,7 @@ fn spec_errors_name_the_field() {
         ("ott:k@0-99999=3", "k@0-99999"),
         ("ott:q@1=3", "q@1"),
         ("ott:wb=4", "window_bits"),
+        ("ott:va=x", "va"),
         ("ott:k", "k"),
         ("nope", "preset"),
     ] {

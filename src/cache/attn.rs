@@ -96,7 +96,20 @@ pub(crate) fn attend_row(
     let gv = h.geo.value_group as usize;
     s.min_acc.clear();
     s.min_acc.resize(vnp, 0.0);
-    for t in 0..nq {
+    if h.value_per_channel {
+        let cw = h.val_channel_words();
+        for gi in 0..h.n_groups {
+            let codes = &h.val_codes[gi * hd * cw..(gi + 1) * hd * cw];
+            let params = &h.val_params[gi * hd..(gi + 1) * hd];
+            let p = &s.scores[gi * g..(gi + 1) * g];
+            match h.geo.value_bits {
+                2 => value_channel_acc::<2>(codes, params, p, cw, out),
+                3 => value_channel_acc::<3>(codes, params, p, cw, out),
+                _ => value_channel_acc::<4>(codes, params, p, cw, out),
+            }
+        }
+    }
+    for t in (0..nq).filter(|_| !h.value_per_channel) {
         let p = s.scores[t];
         if p == 0.0 {
             continue;
@@ -183,6 +196,35 @@ fn key_scores<const B: u32>(
         for (d, a) in dst[t0..t0 + n].iter_mut().zip(&acc) {
             *d = a + bias;
         }
+    }
+}
+
+/// Adds one per-channel value group's share to `out`: `scale_c·Σ_t p_t·code_ct + min_c·Σ_t p_t`,
+/// 32 tokens of a channel (`B` words as one 128-bit stream) at a time, as [`key_scores`].
+#[inline]
+fn value_channel_acc<const B: u32>(
+    codes: &[u32],      // [head_dim][cw]
+    params: &[QParams], // [head_dim]
+    p: &[f32],          // [G] softmax numerators, 0 on masked slots
+    cw: usize,
+    out: &mut [f32], // [head_dim]
+) {
+    let mask = (1u128 << B) - 1;
+    let psum: f32 = p.iter().sum();
+    for (c, (o, prm)) in out.iter_mut().zip(params).enumerate() {
+        let mut acc = [0f32; 32];
+        for (ci, w0) in (0..cw).step_by(B as usize).enumerate() {
+            let run = &codes[c * cw + w0..c * cw + cw.min(w0 + B as usize)];
+            let stream = run
+                .iter()
+                .enumerate()
+                .fold(0u128, |x, (i, &w)| x | u128::from(w) << (32 * i));
+            let pt = &p[ci * 32..p.len().min(ci * 32 + 32)];
+            for (j, (a, &pp)) in acc.iter_mut().zip(pt).enumerate() {
+                *a += pp * ((stream >> (B * j as u32)) & mask) as f32;
+            }
+        }
+        *o += param_scale(*prm) * acc.iter().sum::<f32>() + param_min(*prm) * psum;
     }
 }
 
@@ -473,6 +515,7 @@ fn block_kernel_fits(h: &HeadCache) -> bool {
     let gv = h.geo.value_group as usize;
     (h.geo.key_bits == 2 || h.geo.key_bits == 3)
         && h.geo.value_bits == 2
+        && !h.value_per_channel
         && gv % 8 == 0
         && h.group() % 16 == 0
 }

@@ -6,7 +6,8 @@
 //! `gv` value group (`auto` = min(G, head_dim)), `p@L` / `e@L` / `k@L` / `v@L` pool, extra
 //! pool, key bits and value bits of layer L (`L` may be a range `A-B`, both ends included),
 //! `rot` Hadamard rotation (`0`|`1`), `sink` exact leading tokens, `wb` bits (16|8) of the
-//! window, sinks and pools. `s` given a number
+//! window, sinks and pools, `va` value axis (`t` per token over Gv channels, `c` per channel
+//! over G tokens). `s` given a number
 //! (`s=4`) means `sink` (scores are only ever `l1`/`l2`, so the two cannot be confused).
 //! `Display` writes the fully explicit `ott:` form, which parses back to an equal config; `rot`
 //! and `sink` appear only when set, so the pre-existing presets print as they always did.
@@ -85,6 +86,10 @@ pub struct CacheConfig {
     /// Bits of the tokens kept outside quantized groups (window, sinks, pools): 16 = f16 (the
     /// method's full precision), 8 = llama.cpp's q8_0 blocks. Default 16.
     pub window_bits: u32,
+    /// Quantize values per channel over each group of G tokens, as keys are, instead of per
+    /// token over Gv channels. Costs 32 bits per G values whatever head_dim is, where per-token
+    /// groups cost 32 bits per head_dim values (4 bits per element at head_dim 8). Default off.
+    pub value_per_channel: bool,
 }
 
 impl Default for CacheConfig {
@@ -114,6 +119,7 @@ impl CacheConfig {
             rotate: false,
             sink: 0,
             window_bits: 16,
+            value_per_channel: false,
         }
     }
 
@@ -341,6 +347,13 @@ impl FromStr for CacheConfig {
                 }
                 "sink" => c.sink = num()?,
                 "wb" => c.window_bits = num()?,
+                "va" => {
+                    c.value_per_channel = match val {
+                        "t" | "token" => false,
+                        "c" | "channel" => true,
+                        _ => return Err(err(key, format!("{val:?} is not t(oken) or c(hannel)"))),
+                    }
+                }
                 "rot" => {
                     c.rotate = match val {
                         "0" | "false" | "off" => false,
@@ -353,7 +366,7 @@ impl FromStr for CacheConfig {
                     let (what, layer) = key.split_once('@').ok_or_else(|| {
                         err(
                             key,
-                            "unknown field (k v g r p e t s gv rot sink wb p@L e@L k@L v@L)".into(),
+                            "unknown field (k v g r p e t s gv rot sink wb va p@L e@L k@L v@L)".into(),
                         )
                     })?;
                     let layer_num = |s: &str| {
@@ -427,6 +440,9 @@ impl fmt::Display for CacheConfig {
         }
         if self.window_bits != 16 {
             write!(f, ",wb={}", self.window_bits)?;
+        }
+        if self.value_per_channel {
+            write!(f, ",va=c")?;
         }
         for o in &self.overrides {
             if let Some(p) = o.pool {

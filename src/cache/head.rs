@@ -30,6 +30,9 @@ pub struct HeadCache {
     pub(crate) rot: usize,
     pub(crate) sink_cap: usize,
     pub(crate) rows: RowPrecision,
+    /// Values per channel: `val_codes` is `[n_groups][head_dim][value words per channel]`,
+    /// `val_params` `[n_groups][head_dim]`; else per token as documented below.
+    pub(crate) value_per_channel: bool,
     pub(crate) key_codes: Vec<u32>, // [n_groups][head_dim][key words per channel]
     pub(crate) key_params: Vec<QParams>, // [n_groups][head_dim]
     pub(crate) val_codes: Vec<u32>, // [n_groups·G][value row words]
@@ -68,6 +71,8 @@ pub(crate) struct HeadSettings {
     pub sink_cap: usize,
     /// Precision of the rows kept outside quantized groups (window, sinks, pools).
     pub rows: RowPrecision,
+    /// Values quantized per channel over the group (laid out as a key group).
+    pub value_per_channel: bool,
 }
 
 impl HeadCache {
@@ -81,6 +86,7 @@ impl HeadCache {
             rot,
             sink_cap,
             rows,
+            value_per_channel,
         } = st;
         let hd = geo.head_dim as usize;
         // Window and pools are bounded, so they are allocated once, exactly; the quantized
@@ -94,6 +100,7 @@ impl HeadCache {
             rot,
             sink_cap,
             rows,
+            value_per_channel,
             key_codes: Vec::new(),
             key_params: Vec::new(),
             val_codes: Vec::new(),
@@ -122,6 +129,10 @@ impl HeadCache {
     }
     pub(crate) fn key_words(&self) -> usize {
         words_for(self.geo.key_group, self.geo.key_bits) as usize
+    }
+    /// Value code words per channel of one group (per-channel values).
+    pub(crate) fn val_channel_words(&self) -> usize {
+        words_for(self.geo.key_group, self.geo.value_bits) as usize
     }
     pub(crate) fn val_words(&self) -> usize {
         self.geo.value_row_words() as usize
@@ -249,6 +260,22 @@ impl HeadCache {
     pub fn dequantized_values(&self) -> Vec<f32> {
         let (hd, vw, np) = (self.head_dim(), self.val_words(), self.val_nparams());
         let mut out = vec![0f32; self.quantized_len() * hd];
+        if self.value_per_channel {
+            let (g, cw) = (self.group(), self.val_channel_words());
+            for gi in 0..self.n_groups {
+                dequantize_key_group(
+                    &self.val_codes[gi * hd * cw..(gi + 1) * hd * cw],
+                    &self.val_params[gi * hd..(gi + 1) * hd],
+                    g,
+                    hd,
+                    self.geo.value_bits,
+                    &mut out[gi * g * hd..(gi + 1) * g * hd],
+                )
+                .expect("internal layout is consistent");
+            }
+            self.unrotate(&mut out);
+            return out;
+        }
         for (t, o) in out.chunks_mut(hd).enumerate() {
             dequantize_value_row(
                 &self.val_codes[t * vw..(t + 1) * vw],
@@ -402,14 +429,19 @@ impl HeadCache {
             self.val_params.len(),
         );
         // Exact growth: one group each time, so capacity == what is used (see memory()).
+        let (n_vc, n_vp) = if self.value_per_channel {
+            (hd * self.val_channel_words(), hd)
+        } else {
+            (g * vw, g * np)
+        };
         self.key_codes.reserve_exact(hd * kw);
         self.key_codes.resize(kc0 + hd * kw, 0);
         self.key_params.reserve_exact(hd);
         self.key_params.resize(kp0 + hd, QParams::default());
-        self.val_codes.reserve_exact(g * vw);
-        self.val_codes.resize(vc0 + g * vw, 0);
-        self.val_params.reserve_exact(g * np);
-        self.val_params.resize(vp0 + g * np, QParams::default());
+        self.val_codes.reserve_exact(n_vc);
+        self.val_codes.resize(vc0 + n_vc, 0);
+        self.val_params.reserve_exact(n_vp);
+        self.val_params.resize(vp0 + n_vp, QParams::default());
         self.masks.reserve_exact(mask.len());
         self.masks.extend_from_slice(&mask);
         quantize_key_group(
@@ -421,7 +453,17 @@ impl HeadCache {
             &mut self.key_params[kp0..],
         )?;
         let gv = self.geo.value_group as usize;
-        for t in 0..g {
+        if self.value_per_channel {
+            quantize_key_group(
+                &vg,
+                g,
+                hd,
+                self.geo.value_bits,
+                &mut self.val_codes[vc0..],
+                &mut self.val_params[vp0..],
+            )?;
+        }
+        for t in (0..g).filter(|_| !self.value_per_channel) {
             quantize_value_row(
                 &vg[t * hd..(t + 1) * hd],
                 gv,

@@ -98,9 +98,15 @@ pub fn expected_memory(
         let (kb, vb) = config.bits_for(layer as u32);
         let kw = words_for(g as u32, kb) as usize;
         let vw = words_for(hd as u32, vb) as usize;
+        // Values per token: G rows of vw words and hd/Gv params; per channel: a key-like group.
+        let (v_codes, v_params) = if config.value_per_channel {
+            (hd * words_for(g as u32, vb) as usize, hd)
+        } else {
+            (g * vw, g * (hd / gv))
+        };
         let one = MemoryStats::new(
-            4 * f * (hd * kw + g * vw),
-            qp * f * (hd + g * (hd / gv)),
+            4 * f * (hd * kw + v_codes),
+            qp * f * (hd + v_params),
             2 * row * (r + g).min(shape.max_tokens),
             2 * row * (p + e + (config.sink as usize).min(shape.max_tokens)),
             4 * f * g.div_ceil(32) + slot * (p + e),

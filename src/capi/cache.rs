@@ -103,6 +103,16 @@ fn config_from_c(c: &ottkv_cache_config) -> CResult<CacheConfig> {
         },
         sink: c.sink,
         window_bits: c.window_bits,
+        value_per_channel: match c.value_axis {
+            0 => false,
+            1 => true,
+            a => {
+                return err(
+                    OTTKV_ERR_INVALID_ARGUMENT,
+                    format!("value_axis {a} is not 0 (per token) or 1 (per channel)"),
+                )
+            }
+        },
     };
     cfg.validate()?;
     Ok(cfg)
@@ -126,6 +136,7 @@ fn config_to_c(c: &CacheConfig) -> ottkv_cache_config {
         rotate: u32::from(c.rotate),
         sink: c.sink,
         window_bits: c.window_bits,
+        value_axis: u32::from(c.value_per_channel),
         overrides: std::ptr::null(),
         n_overrides: 0,
     }

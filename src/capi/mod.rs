@@ -95,6 +95,7 @@ pub struct ottkv_cache_config {
     pub rotate: u32,
     pub sink: u32,
     pub window_bits: u32,
+    pub value_axis: u32,
     pub overrides: *const ottkv_layer_override,
     pub n_overrides: usize,
 }
