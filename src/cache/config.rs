@@ -120,7 +120,7 @@ impl Default for CacheConfig {
 
 /// Names accepted by [`CacheConfig::preset`].
 pub const PRESETS: &[&str] = &[
-    "ott2", "ott4", "ottk4v2", "ottk2v4", "ott2-p0", "kivi2", "kivi4", "ott3",
+    "ott2", "ott4", "ottk4v2", "ottk2v4", "ott2-p0", "kivi2", "kivi4", "ott3", "ott3c",
 ];
 
 impl CacheConfig {
@@ -153,20 +153,35 @@ impl CacheConfig {
         }
     }
 
-    /// `ott3`: the quality frontier at 3.0 bits per quantized element. Keys and
-    /// values Hadamard-rotated; keys 3-bit per channel over G = 128 tokens (13 words of ten
-    /// 3-bit codes + f16 scale/min per channel: 3.5 bits), values 2-bit per token over
-    /// Gv = min(128, head_dim) channels (2.5 bits at head_dim 64); the first 4 tokens exact;
-    /// outlier pool P = 12 (E = 32, R = 32, untraced layers 0–1 as `ott2`). Measured with
-    /// `kv-error` on SmolLM2 (wikitext / Hamlet, 2048 tokens) against P = 3: attention error
-    /// 0.069 / 0.062 vs 0.091 / 0.071, for 0.02 more bits per element at 8192 tokens.
-    /// G = 64 costs 3.25 bits (ten codes per u32 round 64 tokens up to 7 words).
+    /// `ott3`: quality first at 2.875 bits per quantized element. Keys and values
+    /// Hadamard-rotated; keys 3-bit per channel over G = 128 tokens (12 words + f16 scale/min
+    /// per channel: 3.25 bits), values 2-bit per token over Gv = min(128, head_dim) channels
+    /// (2.5 bits at head_dim 64); the first 4 tokens exact; outlier pool P = 12 (E = 32,
+    /// R = 32, untraced layers 0–1 as `ott2`); window and pools f16. Measured with `kv-error`
+    /// on SmolLM2 (wikitext / Hamlet, 2048 tokens) against P = 3: attention error 0.069 / 0.062
+    /// vs 0.091 / 0.071. 3.24 bits per element allocated at 8192 tokens on SmolLM2.
     fn ott3() -> Self {
         Self {
             rotate: true,
             sink: 4,
             pool: 12,
             ..Self::ott(3, 2)
+        }
+    }
+
+    /// `ott3c`: `ott3` within 3.0 bits per element allocated at 8192 tokens. Window, sinks
+    /// and pools in q8_0 blocks (attention error 0.069 → 0.072 on SmolLM2, half their memory),
+    /// R = 24, E = 16, 2-bit keys in the two untraced layers, values per channel below
+    /// head_dim 32 (`va=auto`). 2.996 bits at 8192 tokens on SmolLM2, 2.79 on stories260K
+    /// (where `kt=3` keeps 3-bit keys everywhere for 2.99 bits and less error).
+    fn ott3c() -> Self {
+        Self {
+            window_bits: 8,
+            residual: 24,
+            extra: 16,
+            untraced_key_bits: Some(2),
+            value_axis: ValueAxis::Auto,
+            ..Self::ott3()
         }
     }
 
@@ -184,6 +199,7 @@ impl CacheConfig {
             "kivi2" => Self::kivi(2),
             "kivi4" => Self::kivi(4),
             "ott3" => Self::ott3(),
+            "ott3c" => Self::ott3c(),
             _ => {
                 return Err(CacheError::Parse {
                     spec: name.to_string(),
