@@ -26,7 +26,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .collect::<Result<_, _>>()?;
     let bias: f32 = args.next().map(|s| s.parse()).transpose()?.unwrap_or(0.0);
     let q_gain: f32 = args.next().map(|s| s.parse()).transpose()?.unwrap_or(1.0);
-    let arch = if bias != 0.0 { Arch::Qwen2 } else { Arch::Llama };
+    let arch = if bias != 0.0 {
+        Arch::Qwen2
+    } else {
+        Arch::Llama
+    };
     let spec = SyntheticSpec {
         n_layer: 4,
         n_ctx_train: 2048,

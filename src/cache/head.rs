@@ -238,15 +238,22 @@ impl HeadCache {
     /// Dequantized keys of all quantized slots (scalar reference): `[quantized_len][head_dim]`,
     /// in the caller's space (rotated back when rotation is on).
     pub fn dequantized_keys(&self) -> Vec<f32> {
-        let (hd, g, kw) = (self.head_dim(), self.group(), self.key_words());
+        self.dequantized_channel_groups(&self.key_codes, &self.key_params, self.geo.key_bits)
+    }
+
+    /// Per-channel groups (`[n_groups][head_dim][words]` codes, `[n_groups][head_dim]` params)
+    /// dequantized to `[quantized_len][head_dim]` in the caller's space.
+    fn dequantized_channel_groups(&self, codes: &[u32], params: &[QParams], bits: u32) -> Vec<f32> {
+        let (hd, g) = (self.head_dim(), self.group());
+        let w = words_for(self.geo.key_group, bits) as usize;
         let mut out = vec![0f32; self.quantized_len() * hd];
         for gi in 0..self.n_groups {
             dequantize_key_group(
-                &self.key_codes[gi * hd * kw..(gi + 1) * hd * kw],
-                &self.key_params[gi * hd..(gi + 1) * hd],
+                &codes[gi * hd * w..(gi + 1) * hd * w],
+                &params[gi * hd..(gi + 1) * hd],
                 g,
                 hd,
-                self.geo.key_bits,
+                bits,
                 &mut out[gi * g * hd..(gi + 1) * g * hd],
             )
             .expect("internal layout is consistent");
@@ -258,24 +265,15 @@ impl HeadCache {
     /// Dequantized values of all quantized slots: `[quantized_len][head_dim]`, in the caller's
     /// space.
     pub fn dequantized_values(&self) -> Vec<f32> {
+        if self.value_per_channel {
+            return self.dequantized_channel_groups(
+                &self.val_codes,
+                &self.val_params,
+                self.geo.value_bits,
+            );
+        }
         let (hd, vw, np) = (self.head_dim(), self.val_words(), self.val_nparams());
         let mut out = vec![0f32; self.quantized_len() * hd];
-        if self.value_per_channel {
-            let (g, cw) = (self.group(), self.val_channel_words());
-            for gi in 0..self.n_groups {
-                dequantize_key_group(
-                    &self.val_codes[gi * hd * cw..(gi + 1) * hd * cw],
-                    &self.val_params[gi * hd..(gi + 1) * hd],
-                    g,
-                    hd,
-                    self.geo.value_bits,
-                    &mut out[gi * g * hd..(gi + 1) * g * hd],
-                )
-                .expect("internal layout is consistent");
-            }
-            self.unrotate(&mut out);
-            return out;
-        }
         for (t, o) in out.chunks_mut(hd).enumerate() {
             dequantize_value_row(
                 &self.val_codes[t * vw..(t + 1) * vw],
@@ -351,7 +349,7 @@ impl HeadCache {
         self.win_k.to_f32(0, g, &mut kg);
         self.win_v.to_f32(0, g, &mut vg);
         let mut mask = vec![0u32; self.mask_words()]; // [mask words]
-        // Slots whose exact copy lives elsewhere (sinks, pool): masked and mean-filled.
+                                                      // Slots whose exact copy lives elsewhere (sinks, pool): masked and mean-filled.
         let mut selected = vec![false; g];
         let n_sink = self.sink_cap.saturating_sub(base).min(g);
         for t in 0..n_sink {
