@@ -5,6 +5,7 @@ mod bench;
 mod compare;
 mod dump_kv;
 mod generate;
+mod info;
 mod inspect;
 mod kv_error;
 
@@ -39,6 +40,8 @@ enum Command {
     Compare(compare::CompareArgs),
     /// Prompt and decode speed at several filled contexts, llama.cpp's caches and ours.
     Bench(bench::Args),
+    /// Build facts for a bug report: versions, features, embedded kernels, CUDA device.
+    Info(info::Args),
 }
 
 /// Runs the command line and returns the process exit status.
@@ -58,6 +61,7 @@ pub fn main() -> i32 {
         Command::Perplexity(a) => compare::perplexity(&a),
         Command::Compare(a) => compare::compare(&a),
         Command::Bench(a) => bench::run(&a),
+        Command::Info(a) => info::run(&a),
     });
     match result {
         Ok(Ok(())) => 0,
