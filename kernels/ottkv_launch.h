@@ -28,6 +28,8 @@
 /* Threads of an attention block and most tokens of one split (scores live in shared memory). */
 #define OTTKV_ATTEND_THREADS 128
 #define OTTKV_ATTEND_MAX_SPLIT 1024
+/* Largest head_dim the attention kernels take (channels per thread are held in registers). */
+#define OTTKV_ATTEND_MAX_HEAD_DIM 1024
 /* Threads of a flush block (one block per kv head). */
 #define OTTKV_FLUSH_THREADS 256
 /* Score kinds of the flush (cache::Score). */
@@ -77,6 +79,12 @@ typedef struct ottkv_f16_attend_args {
     uint32_t n_split, split_len;
     float scale;
 } ottkv_f16_attend_args;
+
+/* Merge of the per-split partial results (flash-decoding's second step). Grid: (rows). */
+typedef struct ottkv_merge_args {
+    uint64_t part_o, part_ml, out; /* as ottkv_attend_args; rows = S * n_q * n_head */
+    uint32_t n_rows, n_split, head_dim;
+} ottkv_merge_args;
 
 /* Group flush of one layer, one sequence. Grid: (H). The oldest G window tokens become
  * quantized group `group`; scratch buffers are per kv head. */

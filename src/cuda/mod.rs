@@ -6,10 +6,26 @@
 //! libcuda is missing) and every failure comes back as a [`CudaError`], never as a panic.
 
 #[cfg(feature = "cuda")]
+pub mod bench;
+#[cfg(feature = "cuda")]
+mod cache;
+#[cfg(feature = "cuda")]
 mod device;
+#[cfg(feature = "cuda")]
+mod f16_attend;
+#[cfg(feature = "cuda")]
+mod launch;
+#[cfg(feature = "cuda")]
+mod ott_attend;
+#[cfg(feature = "cuda")]
+mod ott_flush;
 
 #[cfg(feature = "cuda")]
+pub use cache::{CudaHeadState, CudaOttCache};
+#[cfg(feature = "cuda")]
 pub use device::Device;
+#[cfg(feature = "cuda")]
+pub use f16_attend::{f16_attend_ref, F16Attention};
 
 use serde::Serialize;
 
