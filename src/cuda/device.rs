@@ -280,7 +280,11 @@ mod tests {
             let p = e.unwrap().path();
             if p.extension().is_some_and(|x| x == "cu") {
                 let s = inline_headers(&std::fs::read_to_string(&p).unwrap());
-                assert!(!s.contains("#include"), "{}: unresolved include", p.display());
+                assert!(
+                    !s.contains("#include"),
+                    "{}: unresolved include",
+                    p.display()
+                );
             }
         }
     }
