@@ -70,6 +70,8 @@ typedef struct ottkv_layer_override {
     uint32_t layer;
     int32_t pool;  /* < 0: keep the global pool (P) */
     int32_t extra; /* < 0: keep the global extra pool (E) */
+    int32_t key_bits;   /* < 0: keep the global key bits */
+    int32_t value_bits; /* < 0: keep the global value bits */
 } ottkv_layer_override;
 
 /*
@@ -77,6 +79,9 @@ typedef struct ottkv_layer_override {
  * kivi2 / kivi4 also use G = 32, R = 128). Start from ottkv_cache_config_default() or
  * ottkv_cache_config_from_spec() and change fields.
  */
+#define OTTKV_VALUE_PER_TOKEN 0u   /* values quantized per token over value_group channels */
+#define OTTKV_VALUE_PER_CHANNEL 1u /* values quantized per channel over G tokens, as keys */
+
 typedef struct ottkv_cache_config {
     uint32_t key_bits;        /* 2..4 */
     uint32_t value_bits;      /* 2..4 */
@@ -90,6 +95,9 @@ typedef struct ottkv_cache_config {
     uint32_t rotate;          /* 1: Walsh-Hadamard-rotate K/V before storing (invisible to
                                  callers; the ott3 preset), 0: off */
     uint32_t sink;            /* the first `sink` tokens stay exact f16 forever (0: none) */
+    uint32_t window_bits;     /* 16: window, sinks and pools in f16; 8: in q8_0 blocks */
+    uint32_t value_axis;      /* OTTKV_VALUE_PER_TOKEN (over value_group channels) or
+                                 OTTKV_VALUE_PER_CHANNEL (over G tokens, as keys) */
     const ottkv_layer_override *overrides; /* n_overrides entries, any order, distinct layers */
     size_t n_overrides;
 } ottkv_cache_config;

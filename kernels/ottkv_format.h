@@ -5,16 +5,17 @@
  * Rust mirrors every size below with const asserts; change both sides together and bump
  * OTTKV_FORMAT_VERSION.
  *
- * Codes are unsigned integers of `bits` bits packed into little-endian 32-bit words, least
- * significant bits first, floor(32 / bits) codes per word (2 bits: 16, 3 bits: 10, 4 bits: 8);
- * the unused high bits of a word (2 for 3-bit codes) are zero.
+ * Codes are unsigned integers of `bits` bits forming one LSB-first bit stream over little-endian
+ * 32-bit words: code i of a run starts at bit i * bits, so 32 codes fill exactly `bits` words
+ * and n codes take ceil(n * bits / 32) words. 2- and 4-bit codes never straddle a word (16 and
+ * 8 per word); a 3-bit code may. Bits past the last code of a run are zero.
  *
  * Keys are quantized per channel over a group of `key_group` tokens. One key group of one
  * (layer, kv-head) is:
- *     uint32_t codes [head_dim][ceil(key_group / codes_per_word(key_bits))]   channel-major
+ *     uint32_t codes [head_dim][ceil(key_group * key_bits / 32)]   channel-major, one run each
  *     ottkv_qparams  params[head_dim]
  * Values are quantized per token over `value_group` consecutive channels. One token is:
- *     uint32_t codes [ceil(head_dim / codes_per_word(value_bits))]
+ *     uint32_t codes [ceil(head_dim * value_bits / 32)]                one run
  *     ottkv_qparams  params[head_dim / value_group]
  * Dequantization: x = code * scale + min, both stored as IEEE binary16.
  */
@@ -23,7 +24,7 @@
 
 #include <stdint.h>
 
-#define OTTKV_FORMAT_VERSION 1
+#define OTTKV_FORMAT_VERSION 2
 
 /* Width of the word codes are packed into. */
 #define OTTKV_WORD_BITS 32

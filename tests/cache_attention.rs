@@ -172,6 +172,16 @@ const SPECS: &[&str] = &[
     "ott:g=16,r=0,p=3,e=2,t=0,rot=1,sink=20",
     "ott2-p0:g=32,r=4,sink=3",
     "ott3",
+    // Per-layer bits (these tests have one layer): the layer's widths select the path.
+    "ott3:g=32,r=8,t=0,k@0=2,v@0=3",
+    "ott3:g=48,r=8,t=0,k@0=4",
+    // Window, sinks and pools in q8 blocks.
+    "ott3:g=32,r=8,t=0,p=3,e=4,wb=8",
+    "ott:g=16,r=0,p=3,e=2,t=0,sink=20,wb=8",
+    // Values per channel, as keys (2, 3 and 4 bits; groups not a multiple of 32).
+    "ott3:g=48,r=8,t=0,p=3,e=4,va=c",
+    "ott:k=3,v=3,g=32,r=8,t=0,rot=1,sink=4,va=c",
+    "ottk4v2:g=16,r=0,p=3,e=2,t=0,va=c,wb=8",
 ];
 
 #[test]

@@ -88,6 +88,16 @@ fn spec_strings_parse_and_round_trip() {
     // An explicit pool override wins over untraced_layers.
     let e: CacheConfig = "ott2:p@0=1".parse().unwrap();
     assert_eq!((e.pools_for(0), e.pools_for(1)), ((1, 32), (0, 0)));
+    // Per-layer bits, over a range, merged with other per-layer fields of the same layer.
+    let f: CacheConfig = "ott3:k@2-4=2,v@3=4,p@3=1".parse().unwrap();
+    assert_eq!(
+        (0..6).map(|l| f.bits_for(l)).collect::<Vec<_>>(),
+        [(3, 2), (3, 2), (2, 2), (2, 4), (2, 2), (3, 2)]
+    );
+    assert_eq!(f.pools_for(3), (1, 32));
+    assert_eq!(f.overrides.len(), 3);
+    let back: CacheConfig = f.to_string().parse().unwrap();
+    assert_eq!(back, f, "{f}");
 }
 
 #[test]
@@ -103,6 +113,13 @@ fn spec_errors_name_the_field() {
         ("ott:p=99999", "pool"),
         ("ott:gv=0", "value_group"),
         ("ott:p@x=1", "p@x"),
+        ("ott:k@3=5", "key_bits"),
+        ("ott:v@1=1", "value_bits"),
+        ("ott:k@4-2=3", "k@4-2"),
+        ("ott:k@0-99999=3", "k@0-99999"),
+        ("ott:q@1=3", "q@1"),
+        ("ott:wb=4", "window_bits"),
+        ("ott:va=x", "va"),
         ("ott:k", "k"),
         ("nope", "preset"),
     ] {

@@ -33,6 +33,9 @@ fn reported_memory_matches_closed_form_at_all_lengths() {
         "ott3",
         "ott:k=3,g=64,r=16,rot=1,sink=40,p@2=0",
         "ott2-p0:sink=4",
+        "ott3:g=32,r=8,k@0=2,v@1-2=3",
+        "ott3:g=32,r=8,p=2,e=3,wb=8",
+        "ott3:g=48,r=8,va=c,k@1=2,v@2=4",
     ] {
         let config: CacheConfig = spec.parse().unwrap();
         let shape = CacheShape {

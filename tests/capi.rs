@@ -637,11 +637,15 @@ fn bad_configs_and_specs_are_errors() {
                 layer: 1,
                 pool: 4,
                 extra: -1,
+                key_bits: -1,
+                value_bits: -1,
             },
             ottkv_layer_override {
                 layer: 1,
                 pool: 5,
                 extra: -1,
+                key_bits: -1,
+                value_bits: -1,
             },
         ];
         c.overrides = dup.as_ptr();
@@ -654,6 +658,8 @@ fn bad_configs_and_specs_are_errors() {
             layer: 9,
             pool: 4,
             extra: -1,
+            key_bits: -1,
+            value_bits: -1,
         }];
         c.overrides = beyond.as_ptr();
         c.n_overrides = 1;
@@ -693,7 +699,9 @@ fn bad_configs_and_specs_are_errors() {
             ottkv_layer_override {
                 layer: 0,
                 pool: -1,
-                extra: 4
+                extra: 4,
+                key_bits: -1,
+                value_bits: -1,
             }
         );
         assert_eq!(
@@ -701,7 +709,9 @@ fn bad_configs_and_specs_are_errors() {
             ottkv_layer_override {
                 layer: 1,
                 pool: 8,
-                extra: -1
+                extra: -1,
+                key_bits: -1,
+                value_bits: -1,
             }
         );
         assert_eq!(

@@ -21,7 +21,7 @@ use half::{f16, slice::HalfFloatSliceExt};
 
 use super::HeadCache;
 use crate::format::QParams;
-use crate::quant::{param_min, param_scale};
+use crate::quant::{code_at, param_min, param_scale};
 
 /// Reusable per-thread buffers of the fast path.
 #[derive(Default)]
@@ -30,6 +30,7 @@ pub(crate) struct Scratch {
     qs: Vec<f32>,      // [head_dim] query folded into one group's scales
     qq: Vec<f32>,      // [head_dim] query pre-multiplied by the softmax scale
     min_acc: Vec<f32>, // [head_dim / value_group]
+    kf: Vec<f32>,      // [tokens outside groups][head_dim] their K, then their V
 }
 
 /// Attends `q` (`[head_dim]`) over all quantized slots and pools of `h` and over the first
@@ -74,17 +75,10 @@ pub(crate) fn attend_row(
             }
         }
     }
-    let f16_segments = [
-        (&h.sink_k, ns, nq),
-        (&h.pool_k, np, nq + ns),
-        (&h.extra_k, ne, nq + ns + np),
-        (&h.win_k, n_window, nq + ns + np + ne),
-    ];
-    for (keys, n, off) in f16_segments {
-        for t in 0..n {
-            let k = &keys[t * hd..(t + 1) * hd];
-            s.scores[off + t] = dot_f16(&s.qq, k);
-        }
+    let nf = ns + np + ne + n_window;
+    unpacked_rows(h, true, n_window, &mut s.kf);
+    for (d, k) in s.scores[nq..nq + nf].iter_mut().zip(s.kf.chunks_exact(hd)) {
+        *d = dot(&s.qq, k);
     }
 
     let max = s.scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
@@ -102,7 +96,20 @@ pub(crate) fn attend_row(
     let gv = h.geo.value_group as usize;
     s.min_acc.clear();
     s.min_acc.resize(vnp, 0.0);
-    for t in 0..nq {
+    if h.value_per_channel {
+        let cw = h.val_channel_words();
+        for gi in 0..h.n_groups {
+            let codes = &h.val_codes[gi * hd * cw..(gi + 1) * hd * cw];
+            let params = &h.val_params[gi * hd..(gi + 1) * hd];
+            let p = &s.scores[gi * g..(gi + 1) * g];
+            match h.geo.value_bits {
+                2 => value_channel_acc::<2>(codes, params, p, cw, out),
+                3 => value_channel_acc::<3>(codes, params, p, cw, out),
+                _ => value_channel_acc::<4>(codes, params, p, cw, out),
+            }
+        }
+    }
+    for t in (0..nq).filter(|_| !h.value_per_channel) {
         let p = s.scores[t];
         if p == 0.0 {
             continue;
@@ -118,18 +125,10 @@ pub(crate) fn attend_row(
     for (c, o) in out.iter_mut().enumerate() {
         *o += s.min_acc[c / gv];
     }
-    let f16_segments = [
-        (&h.sink_v, ns, nq),
-        (&h.pool_v, np, nq + ns),
-        (&h.extra_v, ne, nq + ns + np),
-        (&h.win_v, n_window, nq + ns + np + ne),
-    ];
-    for (vals, n, off) in f16_segments {
-        for t in 0..n {
-            let p = s.scores[off + t];
-            for (o, v) in out.iter_mut().zip(&vals[t * hd..(t + 1) * hd]) {
-                *o += p * v.to_f32();
-            }
+    unpacked_rows(h, false, n_window, &mut s.kf);
+    for (&p, v) in s.scores[nq..nq + nf].iter().zip(s.kf.chunks_exact(hd)) {
+        for (o, &x) in out.iter_mut().zip(v) {
+            *o += p * x;
         }
     }
     let inv = 1.0 / sum;
@@ -137,12 +136,33 @@ pub(crate) fn attend_row(
 }
 
 #[inline]
-fn dot_f16(q: &[f32], k: &[f16]) -> f32 {
-    q.iter().zip(k).map(|(&a, b)| a * b.to_f32()).sum()
+fn dot(q: &[f32], k: &[f32]) -> f32 {
+    q.iter().zip(k).map(|(&a, &b)| a * b).sum()
 }
 
-/// Scores of one key group: `Σ_c (q_c·scale_c)·code_c + Σ_c q_c·min_c`, one packed word
-/// (`32 / B` tokens of one channel) at a time so the inner loop is a fixed-width FMA.
+/// K (`key`) or V rows kept outside quantized groups, in score-buffer order (sinks, pool,
+/// extra pool, the first `n_window` window tokens), as f32 into `out`.
+fn unpacked_rows(h: &HeadCache, key: bool, n_window: usize, out: &mut Vec<f32>) {
+    let hd = h.head_dim();
+    let segs = if key {
+        [&h.sink_k, &h.pool_k, &h.extra_k, &h.win_k]
+    } else {
+        [&h.sink_v, &h.pool_v, &h.extra_v, &h.win_v]
+    };
+    let n: usize = segs[..3].iter().map(|r| r.len()).sum::<usize>() + n_window;
+    out.clear();
+    out.resize(n * hd, 0.0);
+    let mut off = 0;
+    for (i, seg) in segs.iter().enumerate() {
+        let rows = if i == 3 { n_window } else { seg.len() };
+        seg.to_f32(0, rows, &mut out[off..off + rows * hd]);
+        off += rows * hd;
+    }
+}
+
+/// Scores of one key group: `Σ_c (q_c·scale_c)·code_c + Σ_c q_c·min_c`, 32 tokens of one
+/// channel (`B` packed words, read as one 128-bit stream) at a time so the inner loop is a
+/// fixed-width FMA and 3-bit codes that straddle words need no special case.
 #[inline]
 fn key_scores<const B: u32>(
     codes: &[u32],      // [head_dim][kw]
@@ -152,27 +172,59 @@ fn key_scores<const B: u32>(
     kw: usize,
     dst: &mut [f32], // [G]
 ) {
-    let cpw = (32 / B) as usize;
-    let mask = (1u32 << B) - 1;
+    let mask = (1u128 << B) - 1;
     let mut bias = 0f32;
     for ((s, &q), p) in qs.iter_mut().zip(qq).zip(params) {
         *s = q * param_scale(*p);
         bias += q * param_min(*p);
     }
     let g = dst.len();
-    for w in 0..kw {
-        let mut acc = [0f32; 16];
+    for (ci, w0) in (0..kw).step_by(B as usize).enumerate() {
+        let mut acc = [0f32; 32];
         for (c, &s) in qs.iter().enumerate() {
-            let word = codes[c * kw + w];
-            for (j, a) in acc.iter_mut().enumerate().take(cpw) {
-                *a += s * ((word >> (B * j as u32)) & mask) as f32;
+            let run = &codes[c * kw + w0..c * kw + kw.min(w0 + B as usize)];
+            let stream = run
+                .iter()
+                .enumerate()
+                .fold(0u128, |x, (i, &w)| x | u128::from(w) << (32 * i));
+            for (j, a) in acc.iter_mut().enumerate() {
+                *a += s * ((stream >> (B * j as u32)) & mask) as f32;
             }
         }
-        let t0 = w * cpw;
-        let n = cpw.min(g - t0);
+        let t0 = ci * 32;
+        let n = 32.min(g - t0);
         for (d, a) in dst[t0..t0 + n].iter_mut().zip(&acc) {
             *d = a + bias;
         }
+    }
+}
+
+/// Adds one per-channel value group's share to `out`: `scale_c·Σ_t p_t·code_ct + min_c·Σ_t p_t`,
+/// 32 tokens of a channel (`B` words as one 128-bit stream) at a time, as [`key_scores`].
+#[inline]
+fn value_channel_acc<const B: u32>(
+    codes: &[u32],      // [head_dim][cw]
+    params: &[QParams], // [head_dim]
+    p: &[f32],          // [G] softmax numerators, 0 on masked slots
+    cw: usize,
+    out: &mut [f32], // [head_dim]
+) {
+    let mask = (1u128 << B) - 1;
+    let psum: f32 = p.iter().sum();
+    for (c, (o, prm)) in out.iter_mut().zip(params).enumerate() {
+        let mut acc = [0f32; 32];
+        for (ci, w0) in (0..cw).step_by(B as usize).enumerate() {
+            let run = &codes[c * cw + w0..c * cw + cw.min(w0 + B as usize)];
+            let stream = run
+                .iter()
+                .enumerate()
+                .fold(0u128, |x, (i, &w)| x | u128::from(w) << (32 * i));
+            let pt = &p[ci * 32..p.len().min(ci * 32 + 32)];
+            for (j, (a, &pp)) in acc.iter_mut().zip(pt).enumerate() {
+                *a += pp * ((stream >> (B * j as u32)) & mask) as f32;
+            }
+        }
+        *o += param_scale(*prm) * acc.iter().sum::<f32>() + param_min(*prm) * psum;
     }
 }
 
@@ -188,7 +240,8 @@ fn value_acc<const B: u32>(
 ) {
     let cpw = (32 / B) as usize;
     let mask = (1u32 << B) - 1;
-    if gv % cpw == 0 {
+    if 32 % B == 0 && gv % cpw == 0 {
+        // Whole words per value group (2- and 4-bit codes).
         let wpg = gv / cpw;
         for (j, prm) in params.iter().enumerate() {
             let ps = p * param_scale(*prm);
@@ -207,8 +260,7 @@ fn value_acc<const B: u32>(
             let ps = p * param_scale(*prm);
             min_acc[j] += p * param_min(*prm);
             for c in j * gv..(j + 1) * gv {
-                let code = (codes[c / cpw] >> (B * (c % cpw) as u32)) & mask;
-                out[c] += ps * code as f32;
+                out[c] += ps * f32::from(code_at(codes, B, c));
             }
         }
     }
@@ -463,6 +515,7 @@ fn block_kernel_fits(h: &HeadCache) -> bool {
     let gv = h.geo.value_group as usize;
     (h.geo.key_bits == 2 || h.geo.key_bits == 3)
         && h.geo.value_bits == 2
+        && !h.value_per_channel
         && gv % 8 == 0
         && h.group() % 16 == 0
 }
@@ -574,24 +627,11 @@ pub(crate) fn attend_block(
         }
     }
 
-    // f16 tokens: sinks, pool, extra pool, visible window, converted once for all rows.
-    let f16_seg = |k: bool| {
-        let (sk, p, e, w) = if k {
-            (&h.sink_k, &h.pool_k, &h.extra_k, &h.win_k)
-        } else {
-            (&h.sink_v, &h.pool_v, &h.extra_v, &h.win_v)
-        };
-        [&sk[..], &p[..], &e[..], &w[..n_window * hd]]
-    };
-    for (buf, segs) in [(&mut s.kf, f16_seg(true)), (&mut s.vf, f16_seg(false))] {
-        buf.clear();
-        buf.resize(nf * hd, 0.0);
-        let mut off = 0;
-        for seg in segs {
-            seg.convert_to_f32_slice(&mut buf[off..off + seg.len()]);
-            off += seg.len();
-        }
-    }
+    // Tokens outside quantized groups: sinks, pool, extra pool, visible window, converted
+    // once for all rows.
+    unpacked_rows(h, true, n_window, &mut s.kf);
+    unpacked_rows(h, false, n_window, &mut s.vf);
+    debug_assert_eq!(s.kf.len(), nf * hd);
     for r in 0..rows {
         let qr = &s.qq[r * hd..(r + 1) * hd];
         let dst = &mut s.scores[r * total + nq..(r + 1) * total];
@@ -715,8 +755,9 @@ pub(crate) fn attend_row_ref(
     out: &mut [f32],
 ) {
     let hd = h.head_dim();
-    let to32 = |x: &[f16]| -> Vec<f32> {
-        let mut r: Vec<f32> = x.iter().map(|v| v.to_f32()).collect();
+    let to32 = |x: &super::rows::Rows, n: usize| -> Vec<f32> {
+        let mut r = vec![0f32; n * hd];
+        x.to_f32(0, n, &mut r);
         h.unrotate(&mut r);
         r
     };
@@ -728,14 +769,15 @@ pub(crate) fn attend_row_ref(
             values.extend_from_slice(&d.values[t * hd..(t + 1) * hd]);
         }
     }
-    keys.extend(to32(&h.sink_k));
-    keys.extend(to32(&h.pool_k));
-    keys.extend(to32(&h.extra_k));
-    keys.extend(to32(&h.win_k[..n_window * hd]));
-    values.extend(to32(&h.sink_v));
-    values.extend(to32(&h.pool_v));
-    values.extend(to32(&h.extra_v));
-    values.extend(to32(&h.win_v[..n_window * hd]));
+    for (k, v, n) in [
+        (&h.sink_k, &h.sink_v, h.sink_k.len()),
+        (&h.pool_k, &h.pool_v, h.pool_k.len()),
+        (&h.extra_k, &h.extra_v, h.extra_k.len()),
+        (&h.win_k, &h.win_v, n_window),
+    ] {
+        keys.extend(to32(k, n));
+        values.extend(to32(v, n));
+    }
     let scores: Vec<f32> = keys
         .chunks(hd)
         .map(|k| k.iter().zip(q).map(|(a, b)| a * b).sum::<f32>() * scale)

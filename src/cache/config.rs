@@ -3,8 +3,11 @@
 //! Spec grammar: `<base>` or `<base>:<field>=<value>,...` where `<base>` is a preset name or
 //! `ott` (= `ott2`), fields override the base: `k` key bits, `v` value bits, `g` group, `r`
 //! residual window, `p` pool, `e` extra pool, `t` untraced leading layers, `s` score (`l1`|`l2`),
-//! `gv` value group (`auto` = min(G, head_dim)), `p@L` / `e@L` pool / extra of layer L,
-//! `rot` Hadamard rotation (`0`|`1`), `sink` exact leading tokens. `s` given a number
+//! `gv` value group (`auto` = min(G, head_dim)), `p@L` / `e@L` / `k@L` / `v@L` pool, extra
+//! pool, key bits and value bits of layer L (`L` may be a range `A-B`, both ends included),
+//! `rot` Hadamard rotation (`0`|`1`), `sink` exact leading tokens, `wb` bits (16|8) of the
+//! window, sinks and pools, `va` value axis (`t` per token over Gv channels, `c` per channel
+//! over G tokens). `s` given a number
 //! (`s=4`) means `sink` (scores are only ever `l1`/`l2`, so the two cannot be confused).
 //! `Display` writes the fully explicit `ott:` form, which parses back to an equal config; `rot`
 //! and `sink` appear only when set, so the pre-existing presets print as they always did.
@@ -14,7 +17,7 @@ use std::str::FromStr;
 
 use super::CacheError;
 use crate::format::{
-    codes_per_word, DEFAULT_EXTRA, DEFAULT_GROUP, DEFAULT_POOL, DEFAULT_RESIDUAL,
+    DEFAULT_EXTRA, DEFAULT_GROUP, DEFAULT_POOL, DEFAULT_RESIDUAL,
     DEFAULT_UNTRACED_LAYERS, KIVI_GROUP, KIVI_RESIDUAL, MAX_BITS, MIN_BITS,
 };
 
@@ -26,6 +29,8 @@ pub const MAX_EXTRA: u32 = 1 << 16;
 /// Key groups must be a multiple of this many tokens: a whole number of 2-bit (16 codes) and
 /// 4-bit (8 codes) words per channel, so those fast paths never see a partial word.
 pub const GROUP_MULTIPLE: u32 = 16;
+/// Most layers one `field@A-B` range may name (keeps hostile specs from allocating much).
+pub const MAX_LAYER_RANGE: u32 = 4096;
 /// Most leading tokens that [`CacheConfig::sink`] may keep exact (allocated up front).
 pub const MAX_SINK: u32 = 1 << 12;
 
@@ -39,12 +44,14 @@ pub enum Score {
     L2,
 }
 
-/// Pool sizes for one layer, replacing the global ones.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Settings of one layer that replace the global ones (`None` keeps the global value).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct LayerOverride {
     pub layer: u32,
     pub pool: Option<u32>,
     pub extra: Option<u32>,
+    pub key_bits: Option<u32>,
+    pub value_bits: Option<u32>,
 }
 
 /// Settings of the OTT cache (OTT.md §1–§4).
@@ -76,6 +83,13 @@ pub struct CacheConfig {
     /// are masked out of their quantized group like pool tokens, leave the group's min/max, and
     /// never compete for the outlier pool. Default 0.
     pub sink: u32,
+    /// Bits of the tokens kept outside quantized groups (window, sinks, pools): 16 = f16 (the
+    /// method's full precision), 8 = llama.cpp's q8_0 blocks. Default 16.
+    pub window_bits: u32,
+    /// Quantize values per channel over each group of G tokens, as keys are, instead of per
+    /// token over Gv channels. Costs 32 bits per G values whatever head_dim is, where per-token
+    /// groups cost 32 bits per head_dim values (4 bits per element at head_dim 8). Default off.
+    pub value_per_channel: bool,
 }
 
 impl Default for CacheConfig {
@@ -104,6 +118,8 @@ impl CacheConfig {
             overrides: Vec::new(),
             rotate: false,
             sink: 0,
+            window_bits: 16,
+            value_per_channel: false,
         }
     }
 
@@ -174,18 +190,30 @@ impl CacheConfig {
                 ),
             );
         }
-        debug_assert!(self.group % codes_per_word(2) == 0 && self.group % codes_per_word(4) == 0);
         if self.residual > MAX_RESIDUAL {
             return bad(
                 "residual",
                 format!("{} above {MAX_RESIDUAL}", self.residual),
             );
         }
+        if self.window_bits != 16 && self.window_bits != 8 {
+            return bad("window_bits", format!("{} is not 16 or 8", self.window_bits));
+        }
         if self.sink > MAX_SINK {
             return bad("sink", format!("{} above {MAX_SINK}", self.sink));
         }
         if self.value_group == Some(0) {
             return bad("value_group", "must be positive".into());
+        }
+        for o in &self.overrides {
+            for (field, b) in [("key_bits", o.key_bits), ("value_bits", o.value_bits)] {
+                if let Some(b) = b.filter(|b| !(MIN_BITS..=MAX_BITS).contains(b)) {
+                    return bad(
+                        field,
+                        format!("{b} (layer {}) not in {MIN_BITS}..={MAX_BITS}", o.layer),
+                    );
+                }
+            }
         }
         let mut last = None;
         for o in std::iter::once((self.pool, self.extra)).chain(
@@ -242,14 +270,26 @@ impl CacheConfig {
         }
     }
 
-    fn set_override(&mut self, layer: u32, pool: Option<u32>, extra: Option<u32>) {
-        match self.overrides.iter_mut().find(|o| o.layer == layer) {
+    /// Effective (key bits, value bits) of a layer.
+    pub fn bits_for(&self, layer: u32) -> (u32, u32) {
+        let o = self.overrides.iter().find(|o| o.layer == layer);
+        (
+            o.and_then(|o| o.key_bits).unwrap_or(self.key_bits),
+            o.and_then(|o| o.value_bits).unwrap_or(self.value_bits),
+        )
+    }
+
+    /// Merges `set` into the override of `set.layer` (fields left `None` stay as they were).
+    fn set_override(&mut self, set: LayerOverride) {
+        match self.overrides.iter_mut().find(|o| o.layer == set.layer) {
             Some(o) => {
-                o.pool = pool.or(o.pool);
-                o.extra = extra.or(o.extra);
+                o.pool = set.pool.or(o.pool);
+                o.extra = set.extra.or(o.extra);
+                o.key_bits = set.key_bits.or(o.key_bits);
+                o.value_bits = set.value_bits.or(o.value_bits);
             }
             None => {
-                self.overrides.push(LayerOverride { layer, pool, extra });
+                self.overrides.push(set);
                 self.overrides.sort_by_key(|o| o.layer);
             }
         }
@@ -306,6 +346,14 @@ impl FromStr for CacheConfig {
                     }
                 }
                 "sink" => c.sink = num()?,
+                "wb" => c.window_bits = num()?,
+                "va" => {
+                    c.value_per_channel = match val {
+                        "t" | "token" => false,
+                        "c" | "channel" => true,
+                        _ => return Err(err(key, format!("{val:?} is not t(oken) or c(hannel)"))),
+                    }
+                }
                 "rot" => {
                     c.rotate = match val {
                         "0" | "false" | "off" => false,
@@ -318,16 +366,39 @@ impl FromStr for CacheConfig {
                     let (what, layer) = key.split_once('@').ok_or_else(|| {
                         err(
                             key,
-                            "unknown field (k v g r p e t s gv rot sink p@L e@L)".into(),
+                            "unknown field (k v g r p e t s gv rot sink wb va p@L e@L k@L v@L)".into(),
                         )
                     })?;
-                    let layer = layer
-                        .parse::<u32>()
-                        .map_err(|e| err(key, format!("layer {layer:?}: {e}")))?;
-                    match what {
-                        "p" => c.set_override(layer, Some(num()?), None),
-                        "e" => c.set_override(layer, None, Some(num()?)),
-                        _ => return Err(err(key, "unknown per-layer field (p@L, e@L)".into())),
+                    let layer_num = |s: &str| {
+                        s.parse::<u32>()
+                            .map_err(|e| err(key, format!("layer {s:?}: {e}")))
+                    };
+                    let (first, last) = match layer.split_once('-') {
+                        Some((a, b)) => (layer_num(a)?, layer_num(b)?),
+                        None => (layer_num(layer)?, layer_num(layer)?),
+                    };
+                    if first > last || last - first >= MAX_LAYER_RANGE {
+                        return Err(err(key, format!("layer range {layer:?} is empty or too long")));
+                    }
+                    let v = Some(num()?);
+                    for layer in first..=last {
+                        let mut o = LayerOverride {
+                            layer,
+                            ..Default::default()
+                        };
+                        match what {
+                            "p" => o.pool = v,
+                            "e" => o.extra = v,
+                            "k" => o.key_bits = v,
+                            "v" => o.value_bits = v,
+                            _ => {
+                                return Err(err(
+                                    key,
+                                    "unknown per-layer field (p@L, e@L, k@L, v@L)".into(),
+                                ))
+                            }
+                        }
+                        c.set_override(o);
                     }
                 }
             }
@@ -367,12 +438,24 @@ impl fmt::Display for CacheConfig {
         if self.sink > 0 {
             write!(f, ",sink={}", self.sink)?;
         }
+        if self.window_bits != 16 {
+            write!(f, ",wb={}", self.window_bits)?;
+        }
+        if self.value_per_channel {
+            write!(f, ",va=c")?;
+        }
         for o in &self.overrides {
             if let Some(p) = o.pool {
                 write!(f, ",p@{}={p}", o.layer)?;
             }
             if let Some(e) = o.extra {
                 write!(f, ",e@{}={e}", o.layer)?;
+            }
+            if let Some(k) = o.key_bits {
+                write!(f, ",k@{}={k}", o.layer)?;
+            }
+            if let Some(v) = o.value_bits {
+                write!(f, ",v@{}={v}", o.layer)?;
             }
         }
         Ok(())

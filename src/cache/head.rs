@@ -1,7 +1,6 @@
 //! Storage and outlier tracing of one (layer, kv-head) (OTT.md §2–§4).
 
-use half::f16;
-
+use super::rows::{RowPrecision, Rows};
 use super::{CacheError, MemoryStats, Score};
 use crate::format::{words_for, Geometry, OutlierSlot, QParams};
 use crate::quant::{
@@ -30,22 +29,26 @@ pub struct HeadCache {
     /// Hadamard block of the stored rows, 0 = not rotated.
     pub(crate) rot: usize,
     pub(crate) sink_cap: usize,
+    pub(crate) rows: RowPrecision,
+    /// Values per channel: `val_codes` is `[n_groups][head_dim][value words per channel]`,
+    /// `val_params` `[n_groups][head_dim]`; else per token as documented below.
+    pub(crate) value_per_channel: bool,
     pub(crate) key_codes: Vec<u32>, // [n_groups][head_dim][key words per channel]
     pub(crate) key_params: Vec<QParams>, // [n_groups][head_dim]
     pub(crate) val_codes: Vec<u32>, // [n_groups·G][value row words]
     pub(crate) val_params: Vec<QParams>, // [n_groups·G][head_dim / value_group]
     pub(crate) masks: Vec<u32>,     // [n_groups][mask words]; bit set = placeholder slot
     pub(crate) n_groups: usize,
-    pub(crate) win_k: Vec<f16>,         // [window_len][head_dim]
-    pub(crate) win_v: Vec<f16>,         // [window_len][head_dim]
+    pub(crate) win_k: Rows,             // [window_len][head_dim]
+    pub(crate) win_v: Rows,             // [window_len][head_dim]
     pub(crate) pool: Vec<OutlierSlot>,  // [pool_len], sorted by (score, position)
-    pub(crate) pool_k: Vec<f16>,        // [pool_len][head_dim]
-    pub(crate) pool_v: Vec<f16>,        // [pool_len][head_dim]
+    pub(crate) pool_k: Rows,            // [pool_len][head_dim]
+    pub(crate) pool_v: Rows,            // [pool_len][head_dim]
     pub(crate) extra: Vec<OutlierSlot>, // [extra_len], in eviction order
-    pub(crate) extra_k: Vec<f16>,       // [extra_len][head_dim]
-    pub(crate) extra_v: Vec<f16>,       // [extra_len][head_dim]
-    pub(crate) sink_k: Vec<f16>,        // [sink_len][head_dim], positions 0..sink_len
-    pub(crate) sink_v: Vec<f16>,        // [sink_len][head_dim]
+    pub(crate) extra_k: Rows,           // [extra_len][head_dim]
+    pub(crate) extra_v: Rows,           // [extra_len][head_dim]
+    pub(crate) sink_k: Rows,            // [sink_len][head_dim], positions 0..sink_len
+    pub(crate) sink_v: Rows,            // [sink_len][head_dim]
     pub(crate) stopped_at: Option<u32>,
 }
 
@@ -66,6 +69,10 @@ pub(crate) struct HeadSettings {
     pub window_cap: usize,
     pub rot: usize,
     pub sink_cap: usize,
+    /// Precision of the rows kept outside quantized groups (window, sinks, pools).
+    pub rows: RowPrecision,
+    /// Values quantized per channel over the group (laid out as a key group).
+    pub value_per_channel: bool,
 }
 
 impl HeadCache {
@@ -78,6 +85,8 @@ impl HeadCache {
             window_cap,
             rot,
             sink_cap,
+            rows,
+            value_per_channel,
         } = st;
         let hd = geo.head_dim as usize;
         // Window and pools are bounded, so they are allocated once, exactly; the quantized
@@ -90,22 +99,24 @@ impl HeadCache {
             score,
             rot,
             sink_cap,
+            rows,
+            value_per_channel,
             key_codes: Vec::new(),
             key_params: Vec::new(),
             val_codes: Vec::new(),
             val_params: Vec::new(),
             masks: Vec::new(),
             n_groups: 0,
-            win_k: Vec::with_capacity(window_cap * hd),
-            win_v: Vec::with_capacity(window_cap * hd),
+            win_k: Rows::with_capacity(rows, hd, window_cap),
+            win_v: Rows::with_capacity(rows, hd, window_cap),
             pool: Vec::with_capacity(pool_cap),
-            pool_k: Vec::with_capacity(pool_cap * hd),
-            pool_v: Vec::with_capacity(pool_cap * hd),
+            pool_k: Rows::with_capacity(rows, hd, pool_cap),
+            pool_v: Rows::with_capacity(rows, hd, pool_cap),
             extra: Vec::with_capacity(extra_cap),
-            extra_k: Vec::with_capacity(extra_cap * hd),
-            extra_v: Vec::with_capacity(extra_cap * hd),
-            sink_k: Vec::with_capacity(sink_cap * hd),
-            sink_v: Vec::with_capacity(sink_cap * hd),
+            extra_k: Rows::with_capacity(rows, hd, extra_cap),
+            extra_v: Rows::with_capacity(rows, hd, extra_cap),
+            sink_k: Rows::with_capacity(rows, hd, sink_cap),
+            sink_v: Rows::with_capacity(rows, hd, sink_cap),
             stopped_at: None,
         }
     }
@@ -118,6 +129,10 @@ impl HeadCache {
     }
     pub(crate) fn key_words(&self) -> usize {
         words_for(self.geo.key_group, self.geo.key_bits) as usize
+    }
+    /// Value code words per channel of one group (per-channel values).
+    pub(crate) fn val_channel_words(&self) -> usize {
+        words_for(self.geo.key_group, self.geo.value_bits) as usize
     }
     pub(crate) fn val_words(&self) -> usize {
         self.geo.value_row_words() as usize
@@ -139,7 +154,7 @@ impl HeadCache {
     }
     /// Tokens in the f16 window.
     pub fn window_len(&self) -> usize {
-        self.win_k.len() / self.head_dim()
+        self.win_k.len()
     }
     /// All tokens of this head.
     pub fn len(&self) -> usize {
@@ -163,7 +178,7 @@ impl HeadCache {
     }
     /// Tokens kept exact as attention sinks so far (positions `0..sink_len`).
     pub fn sink_len(&self) -> usize {
-        self.sink_k.len() / self.head_dim()
+        self.sink_k.len()
     }
     /// Capacities (pool, extra) in effect for this head.
     pub fn pool_capacity(&self) -> (usize, usize) {
@@ -183,22 +198,18 @@ impl HeadCache {
             .filter(|&p| self.is_masked(p))
             .collect()
     }
-    /// Key of the f16 token at `pos` when it is in the window or a pool (its exact f16 value).
+    /// Key of the token at `pos` when it is in the window, a sink or a pool (as stored there).
     pub fn full_precision_key(&self, pos: usize) -> Option<Vec<f32>> {
         self.full_precision(pos, true)
     }
-    /// Value of the f16 token at `pos` when it is in the window or a pool.
+    /// Value of the token at `pos` when it is in the window, a sink or a pool.
     pub fn full_precision_value(&self, pos: usize) -> Option<Vec<f32>> {
         self.full_precision(pos, false)
     }
 
     fn full_precision(&self, pos: usize, key: bool) -> Option<Vec<f32>> {
-        let hd = self.head_dim();
-        let row = |buf: &[f16], i: usize| {
-            let mut r: Vec<f32> = buf[i * hd..(i + 1) * hd]
-                .iter()
-                .map(|x| x.to_f32())
-                .collect();
+        let row = |buf: &Rows, i: usize| {
+            let mut r = buf.row_f32(i);
             self.unrotate(&mut r);
             r
         };
@@ -249,6 +260,22 @@ impl HeadCache {
     pub fn dequantized_values(&self) -> Vec<f32> {
         let (hd, vw, np) = (self.head_dim(), self.val_words(), self.val_nparams());
         let mut out = vec![0f32; self.quantized_len() * hd];
+        if self.value_per_channel {
+            let (g, cw) = (self.group(), self.val_channel_words());
+            for gi in 0..self.n_groups {
+                dequantize_key_group(
+                    &self.val_codes[gi * hd * cw..(gi + 1) * hd * cw],
+                    &self.val_params[gi * hd..(gi + 1) * hd],
+                    g,
+                    hd,
+                    self.geo.value_bits,
+                    &mut out[gi * g * hd..(gi + 1) * g * hd],
+                )
+                .expect("internal layout is consistent");
+            }
+            self.unrotate(&mut out);
+            return out;
+        }
         for (t, o) in out.chunks_mut(hd).enumerate() {
             dequantize_value_row(
                 &self.val_codes[t * vw..(t + 1) * vw],
@@ -267,19 +294,17 @@ impl HeadCache {
     pub fn memory(&self) -> MemoryStats {
         let u32s = std::mem::size_of::<u32>();
         let qp = std::mem::size_of::<QParams>();
-        let h = std::mem::size_of::<f16>();
         let slot = std::mem::size_of::<OutlierSlot>();
         MemoryStats::new(
             (self.key_codes.capacity() + self.val_codes.capacity()) * u32s,
             (self.key_params.capacity() + self.val_params.capacity()) * qp,
-            (self.win_k.capacity() + self.win_v.capacity()) * h,
-            (self.pool_k.capacity()
-                + self.pool_v.capacity()
-                + self.extra_k.capacity()
-                + self.extra_v.capacity()
-                + self.sink_k.capacity()
-                + self.sink_v.capacity())
-                * h,
+            self.win_k.bytes() + self.win_v.bytes(),
+            self.pool_k.bytes()
+                + self.pool_v.bytes()
+                + self.extra_k.bytes()
+                + self.extra_v.bytes()
+                + self.sink_k.bytes()
+                + self.sink_v.bytes(),
             self.masks.capacity() * u32s + (self.pool.capacity() + self.extra.capacity()) * slot,
         )
     }
@@ -307,9 +332,9 @@ impl HeadCache {
     /// the oldest G tokens when the window reaches R + G.
     pub(crate) fn push(&mut self, k: &[f32], v: &[f32]) -> Result<(), CacheError> {
         debug_assert_eq!(k.len(), self.head_dim());
-        debug_assert!(self.win_k.len() + k.len() <= self.win_k.capacity());
-        self.win_k.extend(k.iter().map(|&x| f16::from_f32(x)));
-        self.win_v.extend(v.iter().map(|&x| f16::from_f32(x)));
+        debug_assert!(self.win_k.len() < self.win_k.capacity());
+        self.win_k.push(k);
+        self.win_v.push(v);
         if self.window_len() == self.residual + self.group() {
             self.flush()?;
         }
@@ -321,17 +346,17 @@ impl HeadCache {
         let (hd, g) = (self.head_dim(), self.group());
         let gi = self.n_groups;
         let base = gi * g;
-        let mut kg: Vec<f32> = self.win_k[..g * hd].iter().map(|x| x.to_f32()).collect(); // [G][head_dim]
-        let mut vg: Vec<f32> = self.win_v[..g * hd].iter().map(|x| x.to_f32()).collect(); // [G][head_dim]
+        let mut kg = vec![0f32; g * hd]; // [G][head_dim]
+        let mut vg = vec![0f32; g * hd]; // [G][head_dim]
+        self.win_k.to_f32(0, g, &mut kg);
+        self.win_v.to_f32(0, g, &mut vg);
         let mut mask = vec![0u32; self.mask_words()]; // [mask words]
-                                                      // Slots whose exact copy lives elsewhere (sinks, pool): masked and mean-filled.
+        // Slots whose exact copy lives elsewhere (sinks, pool): masked and mean-filled.
         let mut selected = vec![false; g];
         let n_sink = self.sink_cap.saturating_sub(base).min(g);
         for t in 0..n_sink {
-            self.sink_k
-                .extend_from_slice(&self.win_k[t * hd..(t + 1) * hd]);
-            self.sink_v
-                .extend_from_slice(&self.win_v[t * hd..(t + 1) * hd]);
+            self.sink_k.push_from(&self.win_k, t);
+            self.sink_v.push_from(&self.win_v, t);
             selected[t] = true;
             mask[t / 32] |= 1 << (t % 32);
         }
@@ -339,8 +364,7 @@ impl HeadCache {
             // Candidates: the pool and the group, smallest score first, ties by position.
             let mut cand: Vec<(f32, i32, Src)> = Vec::with_capacity(self.pool.len() + g);
             for (i, s) in self.pool.iter().enumerate() {
-                let sc =
-                    self.score_stored(self.pool_k[i * hd..(i + 1) * hd].iter().map(|x| x.to_f32()));
+                let sc = self.score_stored(self.pool_k.row_f32(i).into_iter());
                 cand.push((sc, s.pos, Src::Pool(i)));
             }
             for t in n_sink..g {
@@ -358,28 +382,26 @@ impl HeadCache {
             } else {
                 for &i in &evicted {
                     self.extra.push(self.pool[i]);
-                    self.extra_k
-                        .extend_from_slice(&self.pool_k[i * hd..(i + 1) * hd]);
-                    self.extra_v
-                        .extend_from_slice(&self.pool_v[i * hd..(i + 1) * hd]);
+                    self.extra_k.push_from(&self.pool_k, i);
+                    self.extra_v.push_from(&self.pool_v, i);
                 }
                 let mut new_slots = Vec::with_capacity(self.pool_cap);
-                let mut new_k = Vec::with_capacity(self.pool_cap * hd); // [pool][head_dim]
-                let mut new_v = Vec::with_capacity(self.pool_cap * hd); // [pool][head_dim]
+                let mut new_k = Rows::with_capacity(self.rows, hd, self.pool_cap);
+                let mut new_v = Rows::with_capacity(self.rows, hd, self.pool_cap);
                 for c in chosen {
                     match c.2 {
                         Src::Pool(i) => {
                             new_slots.push(self.pool[i]);
-                            new_k.extend_from_slice(&self.pool_k[i * hd..(i + 1) * hd]);
-                            new_v.extend_from_slice(&self.pool_v[i * hd..(i + 1) * hd]);
+                            new_k.push_from(&self.pool_k, i);
+                            new_v.push_from(&self.pool_v, i);
                         }
                         Src::Group(t) => {
                             new_slots.push(OutlierSlot {
                                 pos: c.1,
                                 group: gi as u32,
                             });
-                            new_k.extend_from_slice(&self.win_k[t * hd..(t + 1) * hd]);
-                            new_v.extend_from_slice(&self.win_v[t * hd..(t + 1) * hd]);
+                            new_k.push_from(&self.win_k, t);
+                            new_v.push_from(&self.win_v, t);
                             selected[t] = true;
                             mask[t / 32] |= 1 << (t % 32);
                         }
@@ -389,9 +411,11 @@ impl HeadCache {
                 self.pool.clear();
                 self.pool.extend_from_slice(&new_slots);
                 self.pool_k.clear();
-                self.pool_k.extend_from_slice(&new_k);
                 self.pool_v.clear();
-                self.pool_v.extend_from_slice(&new_v);
+                for i in 0..new_slots.len() {
+                    self.pool_k.push_from(&new_k, i);
+                    self.pool_v.push_from(&new_v, i);
+                }
             }
         }
         fill_with_mean_of_others(&mut kg, &selected, hd);
@@ -405,14 +429,19 @@ impl HeadCache {
             self.val_params.len(),
         );
         // Exact growth: one group each time, so capacity == what is used (see memory()).
+        let (n_vc, n_vp) = if self.value_per_channel {
+            (hd * self.val_channel_words(), hd)
+        } else {
+            (g * vw, g * np)
+        };
         self.key_codes.reserve_exact(hd * kw);
         self.key_codes.resize(kc0 + hd * kw, 0);
         self.key_params.reserve_exact(hd);
         self.key_params.resize(kp0 + hd, QParams::default());
-        self.val_codes.reserve_exact(g * vw);
-        self.val_codes.resize(vc0 + g * vw, 0);
-        self.val_params.reserve_exact(g * np);
-        self.val_params.resize(vp0 + g * np, QParams::default());
+        self.val_codes.reserve_exact(n_vc);
+        self.val_codes.resize(vc0 + n_vc, 0);
+        self.val_params.reserve_exact(n_vp);
+        self.val_params.resize(vp0 + n_vp, QParams::default());
         self.masks.reserve_exact(mask.len());
         self.masks.extend_from_slice(&mask);
         quantize_key_group(
@@ -424,7 +453,17 @@ impl HeadCache {
             &mut self.key_params[kp0..],
         )?;
         let gv = self.geo.value_group as usize;
-        for t in 0..g {
+        if self.value_per_channel {
+            quantize_key_group(
+                &vg,
+                g,
+                hd,
+                self.geo.value_bits,
+                &mut self.val_codes[vc0..],
+                &mut self.val_params[vp0..],
+            )?;
+        }
+        for t in (0..g).filter(|_| !self.value_per_channel) {
             quantize_value_row(
                 &vg[t * hd..(t + 1) * hd],
                 gv,
@@ -434,8 +473,8 @@ impl HeadCache {
             )?;
         }
         self.n_groups += 1;
-        self.win_k.drain(..g * hd);
-        self.win_v.drain(..g * hd);
+        self.win_k.drain_front(g);
+        self.win_v.drain_front(g);
         Ok(())
     }
 }

@@ -74,8 +74,9 @@ impl Add for MemoryStats {
 /// Closed form of [`super::OttCache::memory`] after `n_tokens` tokens went through every layer.
 ///
 /// Per (layer, kv-head), with f = max(0, n − R) / G flushed groups, hd = head_dim:
-/// codes = 4·f·(hd·⌈G/cpw_k⌉ + G·⌈hd/cpw_v⌉), params = 4·f·(hd + G·hd/Gv),
-/// window = 2·2·hd·min(R + G, max_tokens), pools = 2·2·hd·(P + E + min(S, max_tokens)),
+/// codes = 4·f·(hd·⌈G·b_k/32⌉ + G·⌈hd·b_v/32⌉) with that layer's bits, params = 4·f·(hd + G·hd/Gv),
+/// window = 2·row·min(R + G, max_tokens), pools = 2·row·(P + E + min(S, max_tokens)) with
+/// row the bytes of one stored row (2·hd for f16, hd + 2·hd/block for q8),
 /// masks_positions = 4·f·⌈G/32⌉ + 8·(P + E), with (P, E) of that layer.
 pub fn expected_memory(
     config: &CacheConfig,
@@ -87,19 +88,27 @@ pub fn expected_memory(
     let (g, r) = (config.group as usize, config.residual as usize);
     let gv = config.value_group_for(hd as u32) as usize;
     let f = n_tokens.saturating_sub(r) / g;
-    let kw = words_for(g as u32, config.key_bits) as usize;
-    let vw = words_for(hd as u32, config.value_bits) as usize;
     let qp = std::mem::size_of::<QParams>();
+    let row = super::RowPrecision::new(config.window_bits, hd).row_bytes(hd);
     let slot = std::mem::size_of::<OutlierSlot>();
     let mut total = MemoryStats::default();
     for layer in 0..shape.n_layer {
         let (p, e) = config.pools_for(layer as u32);
         let (p, e) = (p as usize, e as usize);
+        let (kb, vb) = config.bits_for(layer as u32);
+        let kw = words_for(g as u32, kb) as usize;
+        let vw = words_for(hd as u32, vb) as usize;
+        // Values per token: G rows of vw words and hd/Gv params; per channel: a key-like group.
+        let (v_codes, v_params) = if config.value_per_channel {
+            (hd * words_for(g as u32, vb) as usize, hd)
+        } else {
+            (g * vw, g * (hd / gv))
+        };
         let one = MemoryStats::new(
-            4 * f * (hd * kw + g * vw),
-            qp * f * (hd + g * (hd / gv)),
-            2 * 2 * hd * (r + g).min(shape.max_tokens),
-            2 * 2 * hd * (p + e + (config.sink as usize).min(shape.max_tokens)),
+            4 * f * (hd * kw + v_codes),
+            qp * f * (hd + v_params),
+            2 * row * (r + g).min(shape.max_tokens),
+            2 * row * (p + e + (config.sink as usize).min(shape.max_tokens)),
             4 * f * g.div_ceil(32) + slot * (p + e),
         );
         for _ in 0..shape.n_head_kv {

@@ -26,6 +26,7 @@ mod error;
 mod head;
 mod memory;
 mod ott;
+mod rows;
 
 pub(crate) use attn::dot_lanes;
 pub use config::{CacheConfig, LayerOverride, Score, PRESETS};
@@ -33,3 +34,4 @@ pub use error::CacheError;
 pub use head::HeadCache;
 pub use memory::{expected_memory, f16_bytes, MemoryStats};
 pub use ott::{CacheShape, OttCache, MAX_HEAD_DIM};
+pub use rows::RowPrecision;

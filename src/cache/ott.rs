@@ -7,7 +7,7 @@ use half::f16;
 
 use super::attn::{attend_block, attend_row_ref, with_scratch, Dequantized};
 use super::head::HeadSettings;
-use super::{CacheConfig, CacheError, HeadCache, MemoryStats};
+use super::{CacheConfig, CacheError, HeadCache, MemoryStats, RowPrecision};
 use crate::format::Geometry;
 use crate::quant::hadamard_blocks;
 
@@ -39,7 +39,7 @@ pub(crate) fn check_shape(config: &CacheConfig, shape: &CacheShape) -> Result<()
         return bad(format!("max_tokens {} above i32::MAX", shape.max_tokens));
     }
     let gv = config.value_group_for(shape.head_dim as u32) as usize;
-    if shape.head_dim % gv != 0 {
+    if !config.value_per_channel && shape.head_dim % gv != 0 {
         return bad(format!(
             "head_dim {} is not a multiple of the value group {gv} (Gv = min(G, head_dim) unless set)",
             shape.head_dim
@@ -85,13 +85,14 @@ impl OttCache {
     /// exactly one group per flush, so `memory()` always reports what is really held.
     pub fn new(config: CacheConfig, shape: CacheShape) -> Result<Self, CacheError> {
         check_shape(&config, &shape)?;
-        let geo = Geometry {
+        let geo_of = |(key_bits, value_bits)| Geometry {
             head_dim: shape.head_dim as u32,
             key_group: config.group,
             value_group: config.value_group_for(shape.head_dim as u32),
-            key_bits: config.key_bits,
-            value_bits: config.value_bits,
+            key_bits,
+            value_bits,
         };
+        let geo = geo_of((config.key_bits, config.value_bits));
         let window_cap = (config.residual as usize + config.group as usize).min(shape.max_tokens);
         let mut heads = Vec::with_capacity(shape.n_layer * shape.n_head_kv);
         for layer in 0..shape.n_layer {
@@ -104,9 +105,11 @@ impl OttCache {
                 window_cap,
                 rot: config.rotation_block(shape.head_dim as u32) as usize,
                 sink_cap: (config.sink as usize).min(shape.max_tokens),
+                rows: RowPrecision::new(config.window_bits, shape.head_dim),
+                value_per_channel: config.value_per_channel,
             };
             for _ in 0..shape.n_head_kv {
-                heads.push(HeadCache::new(geo, st));
+                heads.push(HeadCache::new(geo_of(config.bits_for(layer as u32)), st));
             }
         }
         Ok(Self {
@@ -124,9 +127,14 @@ impl OttCache {
     pub fn shape(&self) -> &CacheShape {
         &self.shape
     }
-    /// Layout of one (layer, kv-head)'s quantized storage.
+    /// Layout of one (layer, kv-head)'s quantized storage, without per-layer bit overrides
+    /// (see [`Self::layer_geometry`]).
     pub fn geometry(&self) -> Geometry {
         self.geo
+    }
+    /// Layout of the quantized storage of `layer`'s heads (per-layer bits applied).
+    pub fn layer_geometry(&self, layer: usize) -> Result<Geometry, CacheError> {
+        Ok(self.head(layer, 0)?.geo)
     }
     /// Tokens in layer 0 (after a full forward pass, every layer holds the same number).
     pub fn len(&self) -> usize {

@@ -73,6 +73,8 @@ fn config_from_c(c: &ottkv_cache_config) -> CResult<CacheConfig> {
             layer: o.layer,
             pool: u32::try_from(o.pool).ok(),
             extra: u32::try_from(o.extra).ok(),
+            key_bits: u32::try_from(o.key_bits).ok(),
+            value_bits: u32::try_from(o.value_bits).ok(),
         })
         .collect();
     // C callers list overrides in any order; the Rust config wants them sorted (duplicates are
@@ -100,6 +102,17 @@ fn config_from_c(c: &ottkv_cache_config) -> CResult<CacheConfig> {
             }
         },
         sink: c.sink,
+        window_bits: c.window_bits,
+        value_per_channel: match c.value_axis {
+            0 => false,
+            1 => true,
+            a => {
+                return err(
+                    OTTKV_ERR_INVALID_ARGUMENT,
+                    format!("value_axis {a} is not 0 (per token) or 1 (per channel)"),
+                )
+            }
+        },
     };
     cfg.validate()?;
     Ok(cfg)
@@ -122,6 +135,8 @@ fn config_to_c(c: &CacheConfig) -> ottkv_cache_config {
         value_group: c.value_group.unwrap_or(0),
         rotate: u32::from(c.rotate),
         sink: c.sink,
+        window_bits: c.window_bits,
+        value_axis: u32::from(c.value_per_channel),
         overrides: std::ptr::null(),
         n_overrides: 0,
     }
@@ -134,6 +149,8 @@ fn override_to_c(o: &LayerOverride) -> ottkv_layer_override {
         layer: o.layer,
         pool: c(o.pool),
         extra: c(o.extra),
+        key_bits: c(o.key_bits),
+        value_bits: c(o.value_bits),
     }
 }
 

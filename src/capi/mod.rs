@@ -74,6 +74,8 @@ pub struct ottkv_layer_override {
     pub layer: u32,
     pub pool: i32,
     pub extra: i32,
+    pub key_bits: i32,
+    pub value_bits: i32,
 }
 
 /// `ottkv_cache_config`.
@@ -92,6 +94,8 @@ pub struct ottkv_cache_config {
     pub value_group: u32,
     pub rotate: u32,
     pub sink: u32,
+    pub window_bits: u32,
+    pub value_axis: u32,
     pub overrides: *const ottkv_layer_override,
     pub n_overrides: usize,
 }

@@ -55,7 +55,7 @@ pub struct CompareArgs {
     /// Write the results as JSON.
     #[arg(long)]
     json: Option<PathBuf>,
-    /// Write a PNG plot of KLD vs bits per element.
+    /// Write a PNG plot of KLD vs bits per element (allocated at 8192 tokens).
     #[arg(long)]
     plot: Option<PathBuf>,
 }
@@ -231,8 +231,8 @@ fn print_table(p: &Prepared, n_ctx: usize, results: &[RowResult]) {
         reference.map_or("-".into(), |r| format!("{} {}", r.engine.name(), r.cache))
     );
     let _ = p;
-    println!("| engine | cache | PPL | ΔPPL | KLD mean | KLD p99 | KLD max | top-1 | bits/elem | KV bytes/token | s |");
-    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("| engine | cache | PPL | ΔPPL | KLD mean | KLD p99 | KLD max | top-1 | bits/elem | bits@8192 | KV bytes/token | s |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
     let ref_ppl = reference.map(|r| r.ppl);
     for r in results {
         let dppl = match (r.dppl, ref_ppl) {
@@ -240,7 +240,7 @@ fn print_table(p: &Prepared, n_ctx: usize, results: &[RowResult]) {
             _ => "-".into(),
         };
         println!(
-            "| {} | {} | {:.3} ± {:.3} | {} | {} | {} | {} | {} | {:.2} | {:.0} | {:.0} |",
+            "| {} | {} | {:.3} ± {:.3} | {} | {} | {} | {} | {} | {:.2} | {:.3} | {:.0} | {:.0} |",
             r.engine.name(),
             r.cache,
             r.ppl,
@@ -251,6 +251,7 @@ fn print_table(p: &Prepared, n_ctx: usize, results: &[RowResult]) {
             fmt_opt(r.kld_max, 3),
             r.top1.map_or("-".into(), |t| format!("{:.2}%", 100.0 * t)),
             r.bits_per_element,
+            r.bits_at_8192,
             r.kv_bytes_per_token,
             r.seconds
         );
@@ -285,14 +286,14 @@ fn plot(results: &[RowResult], n_ctx: usize, path: &Path) -> Result<()> {
         .filter_map(|r| {
             Some(Point {
                 label: short(r),
-                x: r.bits_per_element,
+                x: r.bits_at_8192,
                 y: r.kld_mean.filter(|k| *k > 0.0)?,
             })
         })
         .collect();
     let axes = Axes {
         title: format!("KL divergence vs llama.cpp f16, n_ctx {n_ctx}"),
-        x_label: "KV bits per element (allocated)".into(),
+        x_label: "KV bits per element, allocated at 8192 tokens".into(),
         y_label: "mean KLD".into(),
         log_x: false,
         log_y: true,

@@ -15,6 +15,9 @@ pub struct Args {
     /// Print JSON instead of text.
     #[arg(long)]
     json: bool,
+    /// More of our caches (presets or specs, comma-separated) to cost at 8192 tokens.
+    #[arg(long)]
+    cache: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -63,10 +66,13 @@ pub fn run(a: &Args) -> Result<()> {
     let (hparams, hparams_error, kv) = match ModelHparams::from_gguf(g) {
         Ok(h) => {
             // llama.cpp's block types need head_dim to be a whole number of 32-element blocks.
+            let extra = a.cache.as_deref().map(super::split_cache_list).unwrap_or_default();
             let kv = INSPECT_CACHES
                 .iter()
-                .filter(|&&c| !(c.starts_with('q') && h.head_dim_k % 32 != 0))
-                .map(|&c| Ok((c.to_string(), kv_bytes_per_token(c, &h, 8192)?)))
+                .copied()
+                .chain(extra.iter().map(String::as_str))
+                .filter(|&c| !(c.starts_with('q') && h.head_dim_k % 32 != 0))
+                .map(|c| Ok((c.to_string(), kv_bytes_per_token(c, &h, 8192)?)))
                 .collect::<Result<BTreeMap<_, _>>>()?;
             let hp = Hparams {
                 n_layer: h.n_layer,
@@ -156,12 +162,23 @@ fn print_text(r: &Report) {
         .collect();
     println!("  tensors        {} ({})", r.tensor_count, types.join(", "));
     if !r.kv_bytes_per_token.is_empty() {
-        println!("  KV bytes/token (all layers, K+V; ott2 at 8192 tokens):");
+        println!("  KV bytes/token (all layers, K+V; our caches at 8192 tokens):");
         let f16 = r.kv_bytes_per_token.get("f16").copied().unwrap_or(f64::NAN);
-        for k in INSPECT_CACHES {
-            match r.kv_bytes_per_token.get(*k) {
-                Some(v) if *k == "f16" => println!("    {k:<6} {v:>10.1}"),
-                Some(v) => println!("    {k:<6} {v:>10.1}  ({:.2}x less than f16)", f16 / v),
+        let mut names: Vec<&str> = INSPECT_CACHES.to_vec();
+        names.extend(
+            r.kv_bytes_per_token
+                .keys()
+                .map(String::as_str)
+                .filter(|k| !INSPECT_CACHES.contains(k)),
+        );
+        for k in names {
+            match r.kv_bytes_per_token.get(k) {
+                Some(v) if k == "f16" => println!("    {k:<6} {v:>10.1}  (16.00 bits/element)"),
+                Some(v) => println!(
+                    "    {k:<6} {v:>10.1}  ({:.2}x less than f16, {:.3} bits/element)",
+                    f16 / v,
+                    16.0 * v / f16
+                ),
                 None => println!(
                     "    {k:<6} {:>10}  (head_dim is not a multiple of its 32-element block)",
                     "n/a"

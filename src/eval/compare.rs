@@ -25,11 +25,17 @@ pub struct RowResult {
     pub top1: Option<f64>,
     /// Allocated KV bits per cached element after a full chunk (K and V, all layers).
     pub bits_per_element: f64,
+    /// The same at 8192 tokens (closed form), the length the frontier is judged at.
+    pub bits_at_8192: f64,
     pub kv_bytes_per_token: f64,
     pub seconds: f64,
     pub chunks: usize,
     pub chunk_ppl: Vec<f64>,
 }
+
+/// Sequence length at which bits per element are compared across caches (the window and pools
+/// of our cache make its cost depend on length; ggml caches are flat).
+pub const FRONTIER_TOKENS: usize = 8192;
 
 /// Settings of a multi-row run.
 pub struct RunSettings<'a> {
@@ -148,6 +154,7 @@ pub fn run_rows(
             kld_max: m.kld_max,
             top1: m.top1,
             bits_per_element: bpt * 8.0 / elems_per_token,
+            bits_at_8192: r.bits_at(hp, FRONTIER_TOKENS)?,
             kv_bytes_per_token: bpt,
             seconds: seconds[ri],
             chunks: m.chunks,

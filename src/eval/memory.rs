@@ -36,7 +36,7 @@ pub fn kv_bytes_per_token(cache: &str, h: &ModelHparams, n_tokens: usize) -> Res
         "q8_0" => ggml(34.0, 32.0),
         "q4_0" => ggml(18.0, 32.0),
         name => {
-            let cfg: CacheConfig = CacheConfig::preset(name)?;
+            let cfg: CacheConfig = name.parse()?;
             let shape = CacheShape {
                 n_layer: h.n_layer as usize,
                 n_head_kv: h.n_head_kv as usize,

@@ -57,6 +57,44 @@ impl RowSpec {
     pub fn label(&self) -> String {
         format!("{} {}", self.engine.name(), self.cache)
     }
+
+    /// KV bits per cached element (K and V, all layers) this row allocates for a sequence of
+    /// `n_tokens` tokens, from the closed forms: ggml caches pad to 256 cells as llama.cpp
+    /// does; ours is `expected_memory`, which equals what the cache reports (tested).
+    pub fn bits_at(&self, hp: &crate::gguf::ModelHparams, n_tokens: usize) -> Result<f64> {
+        let elems = 2.0 * hp.n_layer as f64 * hp.n_head_kv as f64 * hp.head_dim_k as f64;
+        let padded = |bytes: f64, blck: f64| {
+            let cells = n_tokens.div_ceil(256) * 256;
+            8.0 * bytes / blck * cells as f64 / n_tokens as f64
+        };
+        let ggml = |ty: crate::gguf::GgmlType| padded(ty.type_size() as f64, ty.block_size() as f64);
+        if n_tokens == 0 {
+            return Err(Error::InvalidArgument("bits_at: zero tokens".into()));
+        }
+        let ty_of = |id: u32| {
+            crate::gguf::GgmlType::from_id(id)
+                .ok_or_else(|| Error::InvalidArgument(format!("ggml type {id} unknown")))
+        };
+        Ok(match self.engine {
+            Engine::Llama => {
+                let ct = CacheType::parse(&self.cache).expect("validated by RowSpec::parse");
+                ggml(ty_of(ct.ggml_type())?)
+            }
+            Engine::Ours => match KvKind::parse(&self.cache)? {
+                KvKind::Ggml { ty, .. } => ggml(ty_of(ty)?),
+                KvKind::Ott(c) => {
+                    let shape = crate::cache::CacheShape {
+                        n_layer: hp.n_layer as usize,
+                        n_head_kv: hp.n_head_kv as usize,
+                        head_dim: hp.head_dim_k as usize,
+                        max_tokens: n_tokens,
+                    };
+                    let m = crate::cache::expected_memory(&c, &shape, n_tokens)?;
+                    m.total as f64 * 8.0 / (elems * n_tokens as f64)
+                }
+            },
+        })
+    }
 }
 
 /// Produces the logits of `[first, n)` of a chunk of n tokens, decoded from an empty cache.

@@ -9,8 +9,8 @@ mod sys {
 }
 
 /// Layout version; bump with any change to the header.
-pub const FORMAT_VERSION: u32 = 1;
-/// Codes are packed into little-endian u32 words, least significant bits first.
+pub const FORMAT_VERSION: u32 = 2;
+/// Codes form an LSB-first bit stream over little-endian u32 words (32 codes fill `bits` words).
 pub const WORD_BITS: u32 = 32;
 /// Narrowest and widest code the format defines.
 pub const MIN_BITS: u32 = 2;
@@ -55,14 +55,9 @@ pub struct OutlierSlot {
     pub group: u32,
 }
 
-/// Codes per packed word for a code width (2 → 16, 3 → 10, 4 → 8).
-pub const fn codes_per_word(bits: u32) -> u32 {
-    WORD_BITS / bits
-}
-
-/// Words holding `n` codes of `bits` bits.
+/// Words holding a run of `n` codes of `bits` bits (the stream is cut at the run's end).
 pub const fn words_for(n: u32, bits: u32) -> u32 {
-    n.div_ceil(codes_per_word(bits))
+    (n * bits).div_ceil(WORD_BITS)
 }
 
 impl Geometry {

@@ -1,8 +1,9 @@
-//! LSB-first packing of `bits`-bit codes into u32 words, `floor(32 / bits)` codes per word; the
-//! unused high bits of a word (2 for 3-bit codes) and the tail of the last word stay zero.
+//! Packing of `bits`-bit codes as one LSB-first bit stream over u32 words: code i starts at bit
+//! `i·bits`, so 32 codes fill exactly `bits` words (a 3-bit code may straddle two words); the
+//! bits past the last code stay zero.
 
 use super::{check_bits, QuantError};
-use crate::format::{codes_per_word, words_for};
+use crate::format::{words_for, WORD_BITS};
 
 /// Packs `codes` into `out`, which must hold exactly `words_for(codes.len(), bits)` words.
 pub fn pack_codes(codes: &[u8], bits: u32, out: &mut [u32]) -> Result<(), QuantError> {
@@ -22,11 +23,14 @@ pub fn pack_codes(codes: &[u8], bits: u32, out: &mut [u32]) -> Result<(), QuantE
     {
         return Err(QuantError::CodeRange { index, code, bits });
     }
-    let cpw = codes_per_word(bits) as usize;
-    for (w, chunk) in out.iter_mut().zip(codes.chunks(cpw)) {
-        *w = chunk.iter().enumerate().fold(0u32, |acc, (j, &c)| {
-            acc | (u32::from(c) << (j as u32 * bits))
-        });
+    out.fill(0);
+    for (i, &c) in codes.iter().enumerate() {
+        let bit = i * bits as usize;
+        let (w, sh) = (bit / WORD_BITS as usize, (bit % WORD_BITS as usize) as u32);
+        out[w] |= u32::from(c) << sh;
+        if sh + bits > WORD_BITS {
+            out[w + 1] |= u32::from(c) >> (WORD_BITS - sh);
+        }
     }
     Ok(())
 }
@@ -51,9 +55,13 @@ pub fn unpack_codes(words: &[u32], bits: u32, out: &mut [u8]) -> Result<(), Quan
 /// Code `i` of a packed run. `bits` must be valid and `i` in range (internal contract).
 #[inline]
 pub fn code_at(words: &[u32], bits: u32, i: usize) -> u8 {
-    let cpw = (crate::format::WORD_BITS / bits) as usize;
-    debug_assert!(i / cpw < words.len());
-    ((words[i / cpw] >> ((i % cpw) as u32 * bits)) & ((1 << bits) - 1)) as u8
+    let bit = i * bits as usize;
+    let (w, sh) = (bit / WORD_BITS as usize, (bit % WORD_BITS as usize) as u32);
+    let mut x = words[w] >> sh;
+    if sh + bits > WORD_BITS {
+        x |= words[w + 1] << (WORD_BITS - sh);
+    }
+    (x & ((1 << bits) - 1)) as u8
 }
 
 #[cfg(test)]
@@ -74,10 +82,17 @@ mod tests {
 
     #[test]
     fn golden_3bit() {
-        // Ten 3-bit codes per word, top 2 bits zero: all sevens = 0x3FFF_FFFF.
+        // Eleven sevens: 33 one-bits; code 10 straddles, its top bit opens word 1.
         let mut w = [0u32; 2];
         pack_codes(&[7u8; 11], 3, &mut w).unwrap();
-        assert_eq!(w, [0x3FFF_FFFF, 7]);
+        assert_eq!(w, [0xFFFF_FFFF, 1]);
+        // 32 codes fill exactly 3 words; code 21 (value 5 = 0b101) sits at bits 63..66.
+        let mut codes = [0u8; 32];
+        codes[21] = 5;
+        let mut w3 = [0u32; 3];
+        pack_codes(&codes, 3, &mut w3).unwrap();
+        assert_eq!(w3, [0, 0x8000_0000, 0b10]);
+        assert_eq!(code_at(&w3, 3, 21), 5);
         let mut w1 = [0u32; 1];
         pack_codes(&[1, 2, 3, 4, 5], 3, &mut w1).unwrap();
         assert_eq!(w1[0], 1 | 2 << 3 | 3 << 6 | 4 << 9 | 5 << 12);
@@ -95,18 +110,18 @@ mod tests {
     #[test]
     fn roundtrip_all_widths() {
         for bits in 2..=4u32 {
-            for n in [1usize, 7, 10, 16, 17, 33, 128, 131] {
+            for n in [1usize, 7, 10, 11, 16, 17, 21, 32, 33, 64, 128, 131] {
                 let codes: Vec<u8> = (0..n).map(|i| ((i * 7 + 3) % (1 << bits)) as u8).collect();
                 let mut w = vec![0u32; words_for(n as u32, bits) as usize];
                 pack_codes(&codes, bits, &mut w).unwrap();
                 let mut back = vec![0u8; n];
                 unpack_codes(&w, bits, &mut back).unwrap();
                 assert_eq!(back, codes, "bits {bits} n {n}");
-                // Padding codes of the last word must be zero (kernels rely on it).
-                let cpw = codes_per_word(bits) as usize;
-                let tail = n % cpw;
+                // Bits past the last code must be zero (kernels rely on it).
+                assert_eq!(w.len(), (n * bits as usize).div_ceil(32));
+                let tail = (n * bits as usize) % 32;
                 if tail != 0 {
-                    assert_eq!(w[w.len() - 1] >> (tail as u32 * bits), 0);
+                    assert_eq!(w[w.len() - 1] >> tail, 0);
                 }
             }
         }
