@@ -17,8 +17,8 @@ use std::str::FromStr;
 
 use super::CacheError;
 use crate::format::{
-    DEFAULT_EXTRA, DEFAULT_GROUP, DEFAULT_POOL, DEFAULT_RESIDUAL,
-    DEFAULT_UNTRACED_LAYERS, KIVI_GROUP, KIVI_RESIDUAL, MAX_BITS, MIN_BITS,
+    DEFAULT_EXTRA, DEFAULT_GROUP, DEFAULT_POOL, DEFAULT_RESIDUAL, DEFAULT_UNTRACED_LAYERS,
+    KIVI_GROUP, KIVI_RESIDUAL, MAX_BITS, MIN_BITS,
 };
 
 /// Upper bounds that keep a hostile spec from asking for absurd allocations.
@@ -197,7 +197,10 @@ impl CacheConfig {
             );
         }
         if self.window_bits != 16 && self.window_bits != 8 {
-            return bad("window_bits", format!("{} is not 16 or 8", self.window_bits));
+            return bad(
+                "window_bits",
+                format!("{} is not 16 or 8", self.window_bits),
+            );
         }
         if self.sink > MAX_SINK {
             return bad("sink", format!("{} above {MAX_SINK}", self.sink));
@@ -366,7 +369,8 @@ impl FromStr for CacheConfig {
                     let (what, layer) = key.split_once('@').ok_or_else(|| {
                         err(
                             key,
-                            "unknown field (k v g r p e t s gv rot sink wb va p@L e@L k@L v@L)".into(),
+                            "unknown field (k v g r p e t s gv rot sink wb va p@L e@L k@L v@L)"
+                                .into(),
                         )
                     })?;
                     let layer_num = |s: &str| {
@@ -378,7 +382,10 @@ impl FromStr for CacheConfig {
                         None => (layer_num(layer)?, layer_num(layer)?),
                     };
                     if first > last || last - first >= MAX_LAYER_RANGE {
-                        return Err(err(key, format!("layer range {layer:?} is empty or too long")));
+                        return Err(err(
+                            key,
+                            format!("layer range {layer:?} is empty or too long"),
+                        ));
                     }
                     let v = Some(num()?);
                     for layer in first..=last {

@@ -35,3 +35,4 @@ pub use head::HeadCache;
 pub use memory::{expected_memory, f16_bytes, MemoryStats};
 pub use ott::{CacheShape, OttCache, MAX_HEAD_DIM};
 pub use rows::RowPrecision;
+pub(crate) use rows::Rows;

@@ -11,7 +11,9 @@ use half::{f16, slice::HalfFloatSliceExt};
 pub enum RowPrecision {
     F16,
     /// Symmetric 8-bit codes per block of `block` values with one f16 scale.
-    Q8 { block: usize },
+    Q8 {
+        block: usize,
+    },
 }
 
 impl RowPrecision {
@@ -41,8 +43,8 @@ impl RowPrecision {
 pub(crate) struct Rows {
     hd: usize,
     prec: RowPrecision,
-    f16: Vec<f16>,   // [rows][head_dim] (F16)
-    codes: Vec<i8>,  // [rows][head_dim] (Q8)
+    f16: Vec<f16>,    // [rows][head_dim] (F16)
+    codes: Vec<i8>,   // [rows][head_dim] (Q8)
     scales: Vec<f16>, // [rows][head_dim / block] (Q8)
 }
 
@@ -100,8 +102,10 @@ impl Rows {
                     let d = amax / 127.0;
                     let id = if d > 0.0 { 1.0 / d } else { 0.0 };
                     self.scales.push(f16::from_f32(d));
-                    self.codes
-                        .extend(b.iter().map(|&v| (v * id).round().clamp(-127.0, 127.0) as i8));
+                    self.codes.extend(
+                        b.iter()
+                            .map(|&v| (v * id).round().clamp(-127.0, 127.0) as i8),
+                    );
                 }
             }
         }
@@ -112,9 +116,7 @@ impl Rows {
         debug_assert!(self.prec == other.prec && self.hd == other.hd);
         let hd = self.hd;
         match self.prec {
-            RowPrecision::F16 => self
-                .f16
-                .extend_from_slice(&other.f16[i * hd..(i + 1) * hd]),
+            RowPrecision::F16 => self.f16.extend_from_slice(&other.f16[i * hd..(i + 1) * hd]),
             RowPrecision::Q8 { .. } => {
                 let ns = self.per_row_scales();
                 self.codes
@@ -182,7 +184,9 @@ mod tests {
     #[test]
     fn q8_rows_match_llama_q8_0_rounding_and_copy_exactly() {
         let hd = 64;
-        let x: Vec<f32> = (0..hd).map(|i| ((i * 37 % 23) as f32 - 11.0) * 0.37).collect();
+        let x: Vec<f32> = (0..hd)
+            .map(|i| ((i * 37 % 23) as f32 - 11.0) * 0.37)
+            .collect();
         let prec = RowPrecision::new(8, hd);
         assert_eq!(prec, RowPrecision::Q8 { block: 32 });
         let mut a = Rows::with_capacity(prec, hd, 2);
@@ -193,7 +197,10 @@ mod tests {
             let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
             let d = f16::from_f32(amax / 127.0).to_f32();
             for (v, b) in xb.iter().zip(bb) {
-                assert!((v - b).abs() <= 0.5 * d + 1e-3 * amax, "block {blk}: {v} vs {b}");
+                assert!(
+                    (v - b).abs() <= 0.5 * d + 1e-3 * amax,
+                    "block {blk}: {v} vs {b}"
+                );
             }
         }
         assert_eq!(a.row_f32(1), vec![0.0; hd], "an all-zero row stays exact");

@@ -66,7 +66,11 @@ pub fn run(a: &Args) -> Result<()> {
     let (hparams, hparams_error, kv) = match ModelHparams::from_gguf(g) {
         Ok(h) => {
             // llama.cpp's block types need head_dim to be a whole number of 32-element blocks.
-            let extra = a.cache.as_deref().map(super::split_cache_list).unwrap_or_default();
+            let extra = a
+                .cache
+                .as_deref()
+                .map(super::split_cache_list)
+                .unwrap_or_default();
             let kv = INSPECT_CACHES
                 .iter()
                 .copied()

@@ -15,7 +15,9 @@ use half::f16;
 use super::launch::{sys, Guarded};
 use super::ott_attend::{self, SplitScratch};
 use super::{ott_flush, CudaError, Device};
-use crate::cache::{expected_memory, CacheConfig, CacheError, CacheShape, HeadCache, MemoryStats};
+use crate::cache::{
+    expected_memory, CacheConfig, CacheError, CacheShape, HeadCache, MemoryStats, Rows,
+};
 use crate::format::{words_for, Geometry, OutlierSlot, QParams, NO_GROUP};
 use crate::quant::hadamard_blocks;
 
@@ -186,13 +188,17 @@ pub struct CudaHeadState {
     pub stopped_at: Option<u32>,
 }
 
-fn bits(x: &[f16]) -> Vec<u16> {
-    x.iter().map(|v| v.to_bits()).collect()
+/// f16 bit patterns of f16 rows (f16 -> f32 -> f16 is exact; q8 rows never reach here).
+fn bits(x: &Rows, hd: usize) -> Vec<u16> {
+    let mut f = vec![0f32; x.len() * hd];
+    x.to_f32(0, x.len(), &mut f);
+    f.iter().map(|&v| f16::from_f32(v).to_bits()).collect()
 }
 
 impl CudaHeadState {
     /// The same facts read from a CPU head.
     pub fn from_cpu(h: &HeadCache) -> Self {
+        let hd = h.head_dim();
         Self {
             n_groups: h.n_groups,
             key_codes: h.key_codes.clone(),
@@ -200,16 +206,16 @@ impl CudaHeadState {
             val_codes: h.val_codes.clone(),
             val_params: h.val_params.clone(),
             masks: h.masks.clone(),
-            win_k: bits(&h.win_k),
-            win_v: bits(&h.win_v),
-            sink_k: bits(&h.sink_k),
-            sink_v: bits(&h.sink_v),
+            win_k: bits(&h.win_k, hd),
+            win_v: bits(&h.win_v, hd),
+            sink_k: bits(&h.sink_k, hd),
+            sink_v: bits(&h.sink_v, hd),
             pool: h.pool.clone(),
-            pool_k: bits(&h.pool_k),
-            pool_v: bits(&h.pool_v),
+            pool_k: bits(&h.pool_k, hd),
+            pool_v: bits(&h.pool_v, hd),
             extra: h.extra.clone(),
-            extra_k: bits(&h.extra_k),
-            extra_v: bits(&h.extra_v),
+            extra_k: bits(&h.extra_k, hd),
+            extra_v: bits(&h.extra_v, hd),
             stopped_at: h.stopped_at,
         }
     }
@@ -233,6 +239,31 @@ fn slots(words: Vec<u32>) -> Vec<OutlierSlot> {
             group: s[1],
         })
         .collect()
+}
+
+/// Settings the CPU cache has and the kernels do not implement yet: a typed error, not a
+/// silently different cache.
+fn unsupported(config: &CacheConfig, n_layer: usize) -> Result<(), CudaError> {
+    if config.window_bits != 16 {
+        return Err(CudaError::Unsupported(format!(
+            "wb={} (window, sinks and pools are f16 on CUDA)",
+            config.window_bits
+        )));
+    }
+    if config.value_per_channel {
+        return Err(CudaError::Unsupported(
+            "per-channel values (va=c); values are per token on CUDA".into(),
+        ));
+    }
+    if let Some(l) =
+        (0..n_layer as u32).find(|&l| config.bits_for(l) != (config.key_bits, config.value_bits))
+    {
+        return Err(CudaError::Unsupported(format!(
+            "per-layer bits (layer {l}: {:?}); one key and one value width for all layers on CUDA",
+            config.bits_for(l)
+        )));
+    }
+    Ok(())
 }
 
 /// Per-flush scratch shared by all layers (flushes run one after another on one stream).
@@ -276,6 +307,7 @@ impl CudaOttCache {
         shape: CacheShape,
     ) -> Result<Self, CudaError> {
         expected_memory(&config, &shape, 0)?; // the CPU cache's checks of config and shape
+        unsupported(&config, shape.n_layer)?;
         ott_attend::check_head_dim(shape.head_dim)?;
         let hd = shape.head_dim;
         let geo = Geometry {
@@ -786,5 +818,32 @@ impl CudaOttCache {
         f.sel.check(&self.dev)?;
         f.pool_slots.check(&self.dev)?;
         f.pool_kv.check(&self.dev)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn settings_the_kernels_lack_are_typed_errors() {
+        for spec in ["ott2:wb=8", "ott2:va=c", "ott2:k@1=4", "ott2:v@0=4"] {
+            let c: CacheConfig = spec.parse().unwrap();
+            let e = unsupported(&c, 2).unwrap_err();
+            assert!(matches!(e, CudaError::Unsupported(_)), "{spec}: {e}");
+        }
+        // every spec the parity tests use is one the CUDA cache takes
+        for spec in [
+            "ott2",
+            "ott3",
+            "ott4",
+            "ottk4v2",
+            "kivi2",
+            "ott2:t=0,rot=1,sink=4,p=6",
+            "ott:g=16,r=0,p=3,e=2,t=0,rot=1,sink=20",
+        ] {
+            let c: CacheConfig = spec.parse().unwrap();
+            assert!(unsupported(&c, 3).is_ok(), "{spec}");
+        }
     }
 }

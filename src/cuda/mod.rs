@@ -48,6 +48,8 @@ pub enum CudaError {
     Launch { kernel: &'static str, err: String },
     #[error("CUDA cache: {0}")]
     Shape(String),
+    #[error("not supported by the CUDA cache yet: {0}")]
+    Unsupported(String),
     #[error(transparent)]
     Cache(#[from] crate::cache::CacheError),
 }

@@ -67,7 +67,8 @@ impl RowSpec {
             let cells = n_tokens.div_ceil(256) * 256;
             8.0 * bytes / blck * cells as f64 / n_tokens as f64
         };
-        let ggml = |ty: crate::gguf::GgmlType| padded(ty.type_size() as f64, ty.block_size() as f64);
+        let ggml =
+            |ty: crate::gguf::GgmlType| padded(ty.type_size() as f64, ty.block_size() as f64);
         if n_tokens == 0 {
             return Err(Error::InvalidArgument("bits_at: zero tokens".into()));
         }
