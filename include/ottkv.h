@@ -81,6 +81,7 @@ typedef struct ottkv_layer_override {
  */
 #define OTTKV_VALUE_PER_TOKEN 0u   /* values quantized per token over value_group channels */
 #define OTTKV_VALUE_PER_CHANNEL 1u /* values quantized per channel over G tokens, as keys */
+#define OTTKV_VALUE_AUTO 2u        /* per channel when head_dim < 32, else per token */
 
 typedef struct ottkv_cache_config {
     uint32_t key_bits;        /* 2..4 */
@@ -96,8 +97,10 @@ typedef struct ottkv_cache_config {
                                  callers; the ott3 preset), 0: off */
     uint32_t sink;            /* the first `sink` tokens stay exact f16 forever (0: none) */
     uint32_t window_bits;     /* 16: window, sinks and pools in f16; 8: in q8_0 blocks */
-    uint32_t value_axis;      /* OTTKV_VALUE_PER_TOKEN (over value_group channels) or
-                                 OTTKV_VALUE_PER_CHANNEL (over G tokens, as keys) */
+    uint32_t value_axis;      /* OTTKV_VALUE_PER_TOKEN (over value_group channels),
+                                 OTTKV_VALUE_PER_CHANNEL (over G tokens, as keys) or
+                                 OTTKV_VALUE_AUTO (per channel when head_dim < 32) */
+    uint32_t untraced_key_bits; /* key bits in layers < untraced_layers; 0 = key_bits */
     const ottkv_layer_override *overrides; /* n_overrides entries, any order, distinct layers */
     size_t n_overrides;
 } ottkv_cache_config;

@@ -45,9 +45,29 @@ fn presets_have_the_documented_settings() {
             (bits, bits, 32, 128, 0)
         );
     }
+    let c = CacheConfig::preset("ott3c").unwrap();
+    assert_eq!(
+        (
+            c.key_bits,
+            c.value_bits,
+            c.window_bits,
+            c.residual,
+            c.pool,
+            c.extra,
+            c.sink
+        ),
+        (3, 2, 8, 24, 12, 16, 4)
+    );
+    assert_eq!(
+        (c.bits_for(0), c.bits_for(1), c.bits_for(2)),
+        ((2, 2), (2, 2), (3, 2))
+    );
+    assert!(c.values_per_channel(8) && !c.values_per_channel(64));
     for p in PRESETS {
         let c: CacheConfig = p.parse().unwrap();
         c.validate().unwrap();
+        let back: CacheConfig = c.to_string().parse().unwrap();
+        assert_eq!(back, c, "{p}");
     }
 }
 

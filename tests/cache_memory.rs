@@ -31,6 +31,7 @@ fn reported_memory_matches_closed_form_at_all_lengths() {
         "ottk4v2",
         "ott:k=3,v=3,g=32,r=8,p=2,e=4,t=1,p@2=0",
         "ott3",
+        "ott3c",
         "ott:k=3,g=64,r=16,rot=1,sink=40,p@2=0",
         "ott2-p0:sink=4",
         "ott3:g=32,r=8,k@0=2,v@1-2=3",

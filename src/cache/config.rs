@@ -86,11 +86,31 @@ pub struct CacheConfig {
     /// Bits of the tokens kept outside quantized groups (window, sinks, pools): 16 = f16 (the
     /// method's full precision), 8 = llama.cpp's q8_0 blocks. Default 16.
     pub window_bits: u32,
-    /// Quantize values per channel over each group of G tokens, as keys are, instead of per
-    /// token over Gv channels. Costs 32 bits per G values whatever head_dim is, where per-token
-    /// groups cost 32 bits per head_dim values (4 bits per element at head_dim 8). Default off.
-    pub value_per_channel: bool,
+    /// How values are grouped (default: per token).
+    pub value_axis: ValueAxis,
+    /// Key bits in the untraced layers (`< untraced_layers`) unless a per-layer override says
+    /// otherwise; `None` = `key_bits`.
+    pub untraced_key_bits: Option<u32>,
 }
+
+/// Grouping of value quantization.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ValueAxis {
+    /// Per token over Gv channels (KIVI, OTT): errors do not line up across tokens, but the
+    /// (scale, min) pair costs 32 bits per Gv values: 4 bits per element at head_dim 8.
+    #[default]
+    Token,
+    /// Per channel over the G tokens of a group, as keys: 32 bits per G values whatever the
+    /// head size, but its errors are shared by a channel's tokens and add up in the output
+    /// (attention error 0.16 vs 0.07 per token on SmolLM2 with 2-bit values).
+    Channel,
+    /// Per token when head_dim ≥ [`AUTO_CHANNEL_BELOW`], else per channel.
+    Auto,
+}
+
+/// Head sizes below which `ValueAxis::Auto` groups values per channel: there per-token
+/// (scale, min) pairs would cost more than a bit per element.
+pub const AUTO_CHANNEL_BELOW: u32 = 32;
 
 impl Default for CacheConfig {
     fn default() -> Self {
@@ -100,7 +120,7 @@ impl Default for CacheConfig {
 
 /// Names accepted by [`CacheConfig::preset`].
 pub const PRESETS: &[&str] = &[
-    "ott2", "ott4", "ottk4v2", "ottk2v4", "ott2-p0", "kivi2", "kivi4", "ott3",
+    "ott2", "ott4", "ottk4v2", "ottk2v4", "ott2-p0", "kivi2", "kivi4", "ott3", "ott3c",
 ];
 
 impl CacheConfig {
@@ -119,7 +139,8 @@ impl CacheConfig {
             rotate: false,
             sink: 0,
             window_bits: 16,
-            value_per_channel: false,
+            value_axis: ValueAxis::Token,
+            untraced_key_bits: None,
         }
     }
 
@@ -132,20 +153,35 @@ impl CacheConfig {
         }
     }
 
-    /// `ott3`: the quality frontier at 3.0 bits per quantized element. Keys and
-    /// values Hadamard-rotated; keys 3-bit per channel over G = 128 tokens (13 words of ten
-    /// 3-bit codes + f16 scale/min per channel: 3.5 bits), values 2-bit per token over
-    /// Gv = min(128, head_dim) channels (2.5 bits at head_dim 64); the first 4 tokens exact;
-    /// outlier pool P = 12 (E = 32, R = 32, untraced layers 0–1 as `ott2`). Measured with
-    /// `kv-error` on SmolLM2 (wikitext / Hamlet, 2048 tokens) against P = 3: attention error
-    /// 0.069 / 0.062 vs 0.091 / 0.071, for 0.02 more bits per element at 8192 tokens.
-    /// G = 64 costs 3.25 bits (ten codes per u32 round 64 tokens up to 7 words).
+    /// `ott3`: quality first at 2.875 bits per quantized element. Keys and values
+    /// Hadamard-rotated; keys 3-bit per channel over G = 128 tokens (12 words + f16 scale/min
+    /// per channel: 3.25 bits), values 2-bit per token over Gv = min(128, head_dim) channels
+    /// (2.5 bits at head_dim 64); the first 4 tokens exact; outlier pool P = 12 (E = 32,
+    /// R = 32, untraced layers 0–1 as `ott2`); window and pools f16. Measured with `kv-error`
+    /// on SmolLM2 (wikitext / Hamlet, 2048 tokens) against P = 3: attention error 0.069 / 0.062
+    /// vs 0.091 / 0.071. 3.24 bits per element allocated at 8192 tokens on SmolLM2.
     fn ott3() -> Self {
         Self {
             rotate: true,
             sink: 4,
             pool: 12,
             ..Self::ott(3, 2)
+        }
+    }
+
+    /// `ott3c`: `ott3` within 3.0 bits per element allocated at 8192 tokens. Window, sinks
+    /// and pools in q8_0 blocks (attention error 0.069 → 0.072 on SmolLM2, half their memory),
+    /// R = 24, E = 16, 2-bit keys in the two untraced layers, values per channel below
+    /// head_dim 32 (`va=auto`). 2.996 bits at 8192 tokens on SmolLM2, 2.79 on stories260K
+    /// (where `kt=3` keeps 3-bit keys everywhere for 2.99 bits and less error).
+    fn ott3c() -> Self {
+        Self {
+            window_bits: 8,
+            residual: 24,
+            extra: 16,
+            untraced_key_bits: Some(2),
+            value_axis: ValueAxis::Auto,
+            ..Self::ott3()
         }
     }
 
@@ -163,6 +199,7 @@ impl CacheConfig {
             "kivi2" => Self::kivi(2),
             "kivi4" => Self::kivi(4),
             "ott3" => Self::ott3(),
+            "ott3c" => Self::ott3c(),
             _ => {
                 return Err(CacheError::Parse {
                     spec: name.to_string(),
@@ -207,6 +244,15 @@ impl CacheConfig {
         }
         if self.value_group == Some(0) {
             return bad("value_group", "must be positive".into());
+        }
+        if let Some(b) = self
+            .untraced_key_bits
+            .filter(|b| !(MIN_BITS..=MAX_BITS).contains(b))
+        {
+            return bad(
+                "untraced_key_bits",
+                format!("{b} not in {MIN_BITS}..={MAX_BITS}"),
+            );
         }
         for o in &self.overrides {
             for (field, b) in [("key_bits", o.key_bits), ("value_bits", o.value_bits)] {
@@ -273,13 +319,28 @@ impl CacheConfig {
         }
     }
 
-    /// Effective (key bits, value bits) of a layer.
+    /// Effective (key bits, value bits) of a layer: a per-layer override, else `kt` in the
+    /// untraced layers, else the global bits.
     pub fn bits_for(&self, layer: u32) -> (u32, u32) {
         let o = self.overrides.iter().find(|o| o.layer == layer);
+        let untraced = self
+            .untraced_key_bits
+            .filter(|_| layer < self.untraced_layers);
         (
-            o.and_then(|o| o.key_bits).unwrap_or(self.key_bits),
+            o.and_then(|o| o.key_bits)
+                .or(untraced)
+                .unwrap_or(self.key_bits),
             o.and_then(|o| o.value_bits).unwrap_or(self.value_bits),
         )
+    }
+
+    /// Whether values are grouped per channel at this head size.
+    pub fn values_per_channel(&self, head_dim: u32) -> bool {
+        match self.value_axis {
+            ValueAxis::Token => false,
+            ValueAxis::Channel => true,
+            ValueAxis::Auto => head_dim < AUTO_CHANNEL_BELOW,
+        }
     }
 
     /// Merges `set` into the override of `set.layer` (fields left `None` stay as they were).
@@ -351,12 +412,19 @@ impl FromStr for CacheConfig {
                 "sink" => c.sink = num()?,
                 "wb" => c.window_bits = num()?,
                 "va" => {
-                    c.value_per_channel = match val {
-                        "t" | "token" => false,
-                        "c" | "channel" => true,
-                        _ => return Err(err(key, format!("{val:?} is not t(oken) or c(hannel)"))),
+                    c.value_axis = match val {
+                        "t" | "token" => ValueAxis::Token,
+                        "c" | "channel" => ValueAxis::Channel,
+                        "auto" => ValueAxis::Auto,
+                        _ => {
+                            return Err(err(
+                                key,
+                                format!("{val:?} is not t(oken), c(hannel) or auto"),
+                            ))
+                        }
                     }
                 }
+                "kt" => c.untraced_key_bits = Some(num()?),
                 "rot" => {
                     c.rotate = match val {
                         "0" | "false" | "off" => false,
@@ -369,7 +437,7 @@ impl FromStr for CacheConfig {
                     let (what, layer) = key.split_once('@').ok_or_else(|| {
                         err(
                             key,
-                            "unknown field (k v g r p e t s gv rot sink wb va p@L e@L k@L v@L)"
+                            "unknown field (k v g r p e t s gv rot sink wb va kt p@L e@L k@L v@L)"
                                 .into(),
                         )
                     })?;
@@ -448,8 +516,13 @@ impl fmt::Display for CacheConfig {
         if self.window_bits != 16 {
             write!(f, ",wb={}", self.window_bits)?;
         }
-        if self.value_per_channel {
-            write!(f, ",va=c")?;
+        match self.value_axis {
+            ValueAxis::Token => {}
+            ValueAxis::Channel => write!(f, ",va=c")?,
+            ValueAxis::Auto => write!(f, ",va=auto")?,
+        }
+        if let Some(kt) = self.untraced_key_bits {
+            write!(f, ",kt={kt}")?;
         }
         for o in &self.overrides {
             if let Some(p) = o.pool {

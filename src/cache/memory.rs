@@ -99,7 +99,7 @@ pub fn expected_memory(
         let kw = words_for(g as u32, kb) as usize;
         let vw = words_for(hd as u32, vb) as usize;
         // Values per token: G rows of vw words and hd/Gv params; per channel: a key-like group.
-        let (v_codes, v_params) = if config.value_per_channel {
+        let (v_codes, v_params) = if config.values_per_channel(hd as u32) {
             (hd * words_for(g as u32, vb) as usize, hd)
         } else {
             (g * vw, g * (hd / gv))

@@ -29,7 +29,7 @@ mod ott;
 mod rows;
 
 pub(crate) use attn::dot_lanes;
-pub use config::{CacheConfig, LayerOverride, Score, PRESETS};
+pub use config::{CacheConfig, LayerOverride, Score, ValueAxis, PRESETS};
 pub use error::CacheError;
 pub use head::HeadCache;
 pub use memory::{expected_memory, f16_bytes, MemoryStats};

@@ -39,7 +39,7 @@ pub(crate) fn check_shape(config: &CacheConfig, shape: &CacheShape) -> Result<()
         return bad(format!("max_tokens {} above i32::MAX", shape.max_tokens));
     }
     let gv = config.value_group_for(shape.head_dim as u32) as usize;
-    if !config.value_per_channel && shape.head_dim % gv != 0 {
+    if !config.values_per_channel(shape.head_dim as u32) && shape.head_dim % gv != 0 {
         return bad(format!(
             "head_dim {} is not a multiple of the value group {gv} (Gv = min(G, head_dim) unless set)",
             shape.head_dim
@@ -106,7 +106,7 @@ impl OttCache {
                 rot: config.rotation_block(shape.head_dim as u32) as usize,
                 sink_cap: (config.sink as usize).min(shape.max_tokens),
                 rows: RowPrecision::new(config.window_bits, shape.head_dim),
-                value_per_channel: config.value_per_channel,
+                value_per_channel: config.values_per_channel(shape.head_dim as u32),
             };
             for _ in 0..shape.n_head_kv {
                 heads.push(HeadCache::new(geo_of(config.bits_for(layer as u32)), st));

@@ -9,7 +9,7 @@ use super::{
     ottkv_cache_shape, ottkv_layer_override, ottkv_memory_stats, ottkv_status, out_slice,
     write_out, CResult, CACHES,
 };
-use crate::cache::{CacheConfig, CacheShape, LayerOverride, OttCache, Score};
+use crate::cache::{CacheConfig, CacheShape, LayerOverride, OttCache, Score, ValueAxis};
 
 /// Most per-layer overrides a C config may carry (a hostile count must not drive allocation).
 const MAX_OVERRIDES: usize = 1 << 16;
@@ -103,16 +103,18 @@ fn config_from_c(c: &ottkv_cache_config) -> CResult<CacheConfig> {
         },
         sink: c.sink,
         window_bits: c.window_bits,
-        value_per_channel: match c.value_axis {
-            0 => false,
-            1 => true,
+        value_axis: match c.value_axis {
+            0 => ValueAxis::Token,
+            1 => ValueAxis::Channel,
+            2 => ValueAxis::Auto,
             a => {
                 return err(
                     OTTKV_ERR_INVALID_ARGUMENT,
-                    format!("value_axis {a} is not 0 (per token) or 1 (per channel)"),
+                    format!("value_axis {a} is not 0 (per token), 1 (per channel) or 2 (auto)"),
                 )
             }
         },
+        untraced_key_bits: (c.untraced_key_bits != 0).then_some(c.untraced_key_bits),
     };
     cfg.validate()?;
     Ok(cfg)
@@ -136,7 +138,12 @@ fn config_to_c(c: &CacheConfig) -> ottkv_cache_config {
         rotate: u32::from(c.rotate),
         sink: c.sink,
         window_bits: c.window_bits,
-        value_axis: u32::from(c.value_per_channel),
+        value_axis: match c.value_axis {
+            ValueAxis::Token => 0,
+            ValueAxis::Channel => 1,
+            ValueAxis::Auto => 2,
+        },
+        untraced_key_bits: c.untraced_key_bits.unwrap_or(0),
         overrides: std::ptr::null(),
         n_overrides: 0,
     }

@@ -96,6 +96,7 @@ pub struct ottkv_cache_config {
     pub sink: u32,
     pub window_bits: u32,
     pub value_axis: u32,
+    pub untraced_key_bits: u32,
     pub overrides: *const ottkv_layer_override,
     pub n_overrides: usize,
 }

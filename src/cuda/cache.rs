@@ -243,14 +243,14 @@ fn slots(words: Vec<u32>) -> Vec<OutlierSlot> {
 
 /// Settings the CPU cache has and the kernels do not implement yet: a typed error, not a
 /// silently different cache.
-fn unsupported(config: &CacheConfig, n_layer: usize) -> Result<(), CudaError> {
+fn unsupported(config: &CacheConfig, n_layer: usize, head_dim: usize) -> Result<(), CudaError> {
     if config.window_bits != 16 {
         return Err(CudaError::Unsupported(format!(
             "wb={} (window, sinks and pools are f16 on CUDA)",
             config.window_bits
         )));
     }
-    if config.value_per_channel {
+    if config.values_per_channel(head_dim as u32) {
         return Err(CudaError::Unsupported(
             "per-channel values (va=c); values are per token on CUDA".into(),
         ));
@@ -307,7 +307,7 @@ impl CudaOttCache {
         shape: CacheShape,
     ) -> Result<Self, CudaError> {
         expected_memory(&config, &shape, 0)?; // the CPU cache's checks of config and shape
-        unsupported(&config, shape.n_layer)?;
+        unsupported(&config, shape.n_layer, shape.head_dim)?;
         ott_attend::check_head_dim(shape.head_dim)?;
         let hd = shape.head_dim;
         let geo = Geometry {
@@ -827,9 +827,15 @@ mod tests {
 
     #[test]
     fn settings_the_kernels_lack_are_typed_errors() {
-        for spec in ["ott2:wb=8", "ott2:va=c", "ott2:k@1=4", "ott2:v@0=4"] {
+        for spec in [
+            "ott2:wb=8",
+            "ott2:va=c",
+            "ott2:k@1=4",
+            "ott2:v@0=4",
+            "ott3c",
+        ] {
             let c: CacheConfig = spec.parse().unwrap();
-            let e = unsupported(&c, 2).unwrap_err();
+            let e = unsupported(&c, 2, 64).unwrap_err();
             assert!(matches!(e, CudaError::Unsupported(_)), "{spec}: {e}");
         }
         // every spec the parity tests use is one the CUDA cache takes
@@ -843,7 +849,7 @@ mod tests {
             "ott:g=16,r=0,p=3,e=2,t=0,rot=1,sink=20",
         ] {
             let c: CacheConfig = spec.parse().unwrap();
-            assert!(unsupported(&c, 3).is_ok(), "{spec}");
+            assert!(unsupported(&c, 3, 64).is_ok(), "{spec}");
         }
     }
 }

@@ -44,6 +44,14 @@ pub struct SyntheticSpec {
     /// `outlier_scale`: the outlier-channel structure real models show and q4_0 handles badly.
     pub outlier_channels: Vec<u32>,
     pub outlier_scale: f32,
+    /// Qwen2 only: `attn_k.bias` of the outlier channels (0 = random like the others). A large
+    /// bias in low-frequency RoPE channels gives keys the near-constant massive channels real
+    /// models show: a rotated per-token cache (llama.cpp's q4_0) spreads them over every
+    /// channel of the block, a per-channel cache subtracts them with each group's minimum.
+    pub outlier_bias: f32,
+    /// Multiplies the `attn_q` weights: sharper attention, so that key errors show in the
+    /// logits (random weights otherwise attend almost uniformly and hide any cache's error).
+    pub q_gain: f32,
 }
 
 impl SyntheticSpec {
@@ -65,6 +73,8 @@ impl SyntheticSpec {
             seed: 1,
             outlier_channels: Vec::new(),
             outlier_scale: 1.0,
+            outlier_bias: 0.0,
+            q_gain: 1.0,
         }
     }
 }
@@ -210,7 +220,7 @@ pub fn synthetic_model(spec: &SyntheticSpec) -> Result<GgufWriter> {
             ty,
             &format!("{b}.attn_q.weight"),
             &[e, q_dim],
-            (proj(e), 0.0),
+            (proj(e) * s.q_gain, 0.0),
             |_| {},
         )?;
         // [kv_dim][n_embd]: row r produces key channel r % head_dim of kv head r / head_dim.
@@ -256,7 +266,15 @@ pub fn synthetic_model(spec: &SyntheticSpec) -> Result<GgufWriter> {
                 &format!("{b}.attn_k.bias"),
                 &[kv_dim],
                 (0.1, 0.0),
-                |_| {},
+                |v| {
+                    if s.outlier_bias != 0.0 {
+                        for (i, x) in v.iter_mut().enumerate() {
+                            if s.outlier_channels.contains(&((i as u64 % hd) as u32)) {
+                                *x = s.outlier_bias;
+                            }
+                        }
+                    }
+                },
             )?;
             add_random(
                 &mut w,
