@@ -9,6 +9,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 const FORMAT_HEADER: &str = "kernels/ottkv_format.h";
+/// Kernel argument structs (feature `cuda`), shared by the kernels and src/cuda.
+const LAUNCH_HEADER: &str = "kernels/ottkv_launch.h";
 /// The GPU machines run driver 580 (CUDA 13.0): PTX newer than ISA 9.0 will not load there.
 const PTX_ARCH: &str = "compute_90";
 
@@ -34,6 +36,18 @@ fn main() {
         println!("cargo:rerun-if-changed={}", k.display());
     }
     let embedded = if env::var_os("CARGO_FEATURE_CUDA").is_some() {
+        println!("cargo:rerun-if-changed={LAUNCH_HEADER}");
+        bindgen::Builder::default()
+            .header(LAUNCH_HEADER)
+            .clang_arg("-Ikernels")
+            .allowlist_type("ottkv_.*_args")
+            .allowlist_var("OTTKV_.*")
+            .derive_default(true)
+            .layout_tests(false)
+            .generate()
+            .unwrap_or_else(|e| panic!("bindgen failed on {LAUNCH_HEADER}: {e}"))
+            .write_to_file(out.join("ottkv_launch.rs"))
+            .expect("writing ottkv_launch.rs");
         embed_kernels(&kernels, &out)
     } else {
         Vec::new()
@@ -96,6 +110,8 @@ fn kernel_sources() -> Vec<PathBuf> {
     let mut v: Vec<PathBuf> = fs::read_dir("kernels")
         .map(|rd| {
             rd.filter_map(|e| e.ok().map(|e| e.path()))
+                // Headers included by the kernels count as kernel changes too.
+                .inspect(|p| println!("cargo:rerun-if-changed={}", p.display()))
                 .filter(|p| p.extension().is_some_and(|x| x == "cu"))
                 .collect()
         })

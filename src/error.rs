@@ -28,6 +28,9 @@ pub enum Error {
     ContextOverflow { needed: usize, n_ctx: usize },
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
+    /// No usable CUDA device, or a kernel or driver call failed.
+    #[error("CUDA: {0}")]
+    Cuda(#[from] crate::cuda::CudaError),
 }
 
 impl Error {

@@ -8,6 +8,7 @@
 pub mod cache;
 pub mod capi;
 pub mod cli;
+pub mod cuda;
 pub mod error;
 pub mod eval;
 pub mod format;

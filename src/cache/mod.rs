@@ -35,3 +35,5 @@ pub use head::HeadCache;
 pub use memory::{expected_memory, f16_bytes, MemoryStats};
 pub use ott::{CacheShape, OttCache, MAX_HEAD_DIM};
 pub use rows::RowPrecision;
+#[cfg(feature = "cuda")]
+pub(crate) use rows::Rows;

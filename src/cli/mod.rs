@@ -3,8 +3,10 @@
 
 mod bench;
 mod compare;
+mod cuda_bench;
 mod dump_kv;
 mod generate;
+mod info;
 mod inspect;
 mod kv_error;
 
@@ -39,6 +41,10 @@ enum Command {
     Compare(compare::CompareArgs),
     /// Prompt and decode speed at several filled contexts, llama.cpp's caches and ours.
     Bench(bench::Args),
+    /// Decode attention kernel timings on the GPU: OTT vs f16, against copy bandwidth.
+    CudaBench(cuda_bench::Args),
+    /// Build facts for a bug report: versions, features, embedded kernels, CUDA device.
+    Info(info::Args),
 }
 
 /// Runs the command line and returns the process exit status.
@@ -58,6 +64,8 @@ pub fn main() -> i32 {
         Command::Perplexity(a) => compare::perplexity(&a),
         Command::Compare(a) => compare::compare(&a),
         Command::Bench(a) => bench::run(&a),
+        Command::Info(a) => info::run(&a),
+        Command::CudaBench(a) => cuda_bench::run(&a),
     });
     match result {
         Ok(Ok(())) => 0,
