@@ -259,8 +259,8 @@ fn value_acc<const B: u32>(
         for (j, prm) in params.iter().enumerate() {
             let ps = p * param_scale(*prm);
             min_acc[j] += p * param_min(*prm);
-            for c in j * gv..(j + 1) * gv {
-                out[c] += ps * f32::from(code_at(codes, B, c));
+            for (c, o) in out.iter_mut().enumerate().skip(j * gv).take(gv) {
+                *o += ps * f32::from(code_at(codes, B, c));
             }
         }
     }

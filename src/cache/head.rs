@@ -349,7 +349,8 @@ impl HeadCache {
         self.win_k.to_f32(0, g, &mut kg);
         self.win_v.to_f32(0, g, &mut vg);
         let mut mask = vec![0u32; self.mask_words()]; // [mask words]
-                                                      // Slots whose exact copy lives elsewhere (sinks, pool): masked and mean-filled.
+
+        // Slots whose exact copy lives elsewhere (sinks, pool): masked and mean-filled.
         let mut selected = vec![false; g];
         let n_sink = self.sink_cap.saturating_sub(base).min(g);
         for t in 0..n_sink {
