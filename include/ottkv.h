@@ -42,7 +42,7 @@ extern "C" {
 #endif
 
 /* Bumped on any incompatible change of a type or function below. */
-#define OTTKV_ABI_VERSION 1
+#define OTTKV_ABI_VERSION 2
 /* The ggml version ottkv is built against and bundles (llama-cpp-sys-2 0.1.161). */
 #define OTTKV_GGML_VERSION "0.26.0"
 

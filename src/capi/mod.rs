@@ -25,7 +25,7 @@ use std::sync::{Arc, LazyLock, Mutex, MutexGuard};
 use crate::cache::CacheError;
 
 /// `OTTKV_ABI_VERSION` of include/ottkv.h.
-pub const ABI_VERSION: u32 = 1;
+pub const ABI_VERSION: u32 = 2;
 /// `OTTKV_GGML_VERSION`: the ggml bundled by llama-cpp-sys-2 =0.1.161.
 pub const GGML_VERSION: &str = "0.26.0";
 
