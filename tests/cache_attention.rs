@@ -182,6 +182,8 @@ const SPECS: &[&str] = &[
     "ott3:g=48,r=8,t=0,p=3,e=4,va=c",
     "ott:k=3,v=3,g=32,r=8,t=0,rot=1,sink=4,va=c",
     "ottk4v2:g=16,r=0,p=3,e=2,t=0,va=c,wb=8",
+    // A value group that does not divide head_dim is irrelevant (and allowed) per channel.
+    "ott3:g=32,r=8,t=0,p=2,e=2,va=c,gv=24",
 ];
 
 #[test]

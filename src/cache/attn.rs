@@ -92,10 +92,6 @@ pub(crate) fn attend_row(
         sum += *x;
     }
 
-    let (vw, vnp) = (h.val_words(), h.val_nparams());
-    let gv = h.geo.value_group as usize;
-    s.min_acc.clear();
-    s.min_acc.resize(vnp, 0.0);
     if h.value_per_channel {
         let cw = h.val_channel_words();
         for gi in 0..h.n_groups {
@@ -108,22 +104,27 @@ pub(crate) fn attend_row(
                 _ => value_channel_acc::<4>(codes, params, p, cw, out),
             }
         }
-    }
-    for t in (0..nq).filter(|_| !h.value_per_channel) {
-        let p = s.scores[t];
-        if p == 0.0 {
-            continue;
+    } else {
+        let (vw, vnp) = (h.val_words(), h.val_nparams());
+        let gv = h.geo.value_group as usize;
+        s.min_acc.clear();
+        s.min_acc.resize(vnp, 0.0);
+        for t in 0..nq {
+            let p = s.scores[t];
+            if p == 0.0 {
+                continue;
+            }
+            let codes = &h.val_codes[t * vw..(t + 1) * vw];
+            let params = &h.val_params[t * vnp..(t + 1) * vnp];
+            match h.geo.value_bits {
+                2 => value_acc::<2>(codes, params, p, gv, &mut s.min_acc, out),
+                3 => value_acc::<3>(codes, params, p, gv, &mut s.min_acc, out),
+                _ => value_acc::<4>(codes, params, p, gv, &mut s.min_acc, out),
+            }
         }
-        let codes = &h.val_codes[t * vw..(t + 1) * vw];
-        let params = &h.val_params[t * vnp..(t + 1) * vnp];
-        match h.geo.value_bits {
-            2 => value_acc::<2>(codes, params, p, gv, &mut s.min_acc, out),
-            3 => value_acc::<3>(codes, params, p, gv, &mut s.min_acc, out),
-            _ => value_acc::<4>(codes, params, p, gv, &mut s.min_acc, out),
+        for (c, o) in out.iter_mut().enumerate() {
+            *o += s.min_acc[c / gv];
         }
-    }
-    for (c, o) in out.iter_mut().enumerate() {
-        *o += s.min_acc[c / gv];
     }
     unpacked_rows(h, false, n_window, &mut s.kf);
     for (&p, v) in s.scores[nq..nq + nf].iter().zip(s.kf.chunks_exact(hd)) {

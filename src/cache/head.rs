@@ -461,15 +461,16 @@ impl HeadCache {
                 &mut self.val_codes[vc0..],
                 &mut self.val_params[vp0..],
             )?;
-        }
-        for t in (0..g).filter(|_| !self.value_per_channel) {
-            quantize_value_row(
-                &vg[t * hd..(t + 1) * hd],
-                gv,
-                self.geo.value_bits,
-                &mut self.val_codes[vc0 + t * vw..vc0 + (t + 1) * vw],
-                &mut self.val_params[vp0 + t * np..vp0 + (t + 1) * np],
-            )?;
+        } else {
+            for t in 0..g {
+                quantize_value_row(
+                    &vg[t * hd..(t + 1) * hd],
+                    gv,
+                    self.geo.value_bits,
+                    &mut self.val_codes[vc0 + t * vw..vc0 + (t + 1) * vw],
+                    &mut self.val_params[vp0 + t * np..vp0 + (t + 1) * np],
+                )?;
+            }
         }
         self.n_groups += 1;
         self.win_k.drain_front(g);

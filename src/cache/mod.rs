@@ -33,6 +33,8 @@ pub use config::{CacheConfig, LayerOverride, Score, ValueAxis, PRESETS};
 pub use error::CacheError;
 pub use head::HeadCache;
 pub use memory::{expected_memory, f16_bytes, MemoryStats};
+#[cfg(feature = "cuda")]
+pub(crate) use ott::checked_kv;
 pub use ott::{CacheShape, OttCache, MAX_HEAD_DIM};
 pub use rows::RowPrecision;
 #[cfg(feature = "cuda")]

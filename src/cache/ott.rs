@@ -70,6 +70,59 @@ pub(crate) fn check_shape(config: &CacheConfig, shape: &CacheShape) -> Result<()
 /// K and V rows `[n][n_head_kv][head_dim]` as the heads store them (rotated or not).
 type StoredKv<'a> = (Cow<'a, [f32]>, Cow<'a, [f32]>);
 
+/// Checks `n` new tokens' `k`/`v` (`[n][n_head_kv][head_dim]`) for a layer that holds `len`
+/// tokens: lengths, token budget, and values finite in f16 once in stored form (rotated by
+/// blocks of `rot`, 0 = not; a rotation can push a finite row over f16's range). Returns the
+/// rows as they will be stored. Shared by every cache implementation so they refuse alike.
+pub(crate) fn checked_kv<'a>(
+    shape: &CacheShape,
+    rot: usize,
+    layer: usize,
+    len: usize,
+    k: &'a [f32],
+    v: &'a [f32],
+    n: usize,
+) -> Result<StoredKv<'a>, CacheError> {
+    let row = shape.n_head_kv * shape.head_dim;
+    let want = n
+        .checked_mul(row)
+        .ok_or(CacheError::Shape(format!("{n} tokens overflow usize")))?;
+    OttCache::check_len("k [n][n_head_kv][head_dim]", want, k.len())?;
+    OttCache::check_len("v [n][n_head_kv][head_dim]", want, v.len())?;
+    if n > shape.max_tokens - len {
+        return Err(CacheError::Overflow {
+            layer,
+            len,
+            n,
+            max_tokens: shape.max_tokens,
+        });
+    }
+    let stored = |x: &'a [f32]| match rot {
+        0 => Cow::Borrowed(x),
+        b => {
+            let mut y = x.to_vec();
+            hadamard_blocks(&mut y, b);
+            Cow::Owned(y)
+        }
+    };
+    // Non-finite (or f16-overflowing) tokens are rejected: kept in f16 they would turn every
+    // later attention output into NaN anyway, and quantized they would poison their group.
+    let (k, v) = (stored(k), stored(v));
+    for (tensor, x) in [("k", &k[..]), ("v", &v[..])] {
+        if let Some(i) = x.iter().position(|&a| !f16::from_f32(a).is_finite()) {
+            return Err(CacheError::NonFinite {
+                layer,
+                tensor,
+                token: i / row,
+                head: i % row / shape.head_dim,
+                channel: i % shape.head_dim,
+                value: x[i],
+            });
+        }
+    }
+    Ok((k, v))
+}
+
 /// The OTT KV cache of one sequence.
 #[derive(Clone, Debug)]
 pub struct OttCache {
@@ -229,18 +282,6 @@ impl OttCache {
         self.config.rotation_block(self.shape.head_dim as u32) as usize
     }
 
-    /// Rows as the heads store them: rotated when rotation is on.
-    fn stored_form<'a>(&self, x: &'a [f32]) -> Cow<'a, [f32]> {
-        match self.rot() {
-            0 => Cow::Borrowed(x),
-            b => {
-                let mut y = x.to_vec();
-                hadamard_blocks(&mut y, b);
-                Cow::Owned(y)
-            }
-        }
-    }
-
     /// Checks `k`/`v` (`[n][n_head_kv][head_dim]`) and the token budget before anything
     /// changes; returns them as they will be stored (rotated or not).
     fn check_kv<'a>(
@@ -251,38 +292,7 @@ impl OttCache {
         n: usize,
     ) -> Result<StoredKv<'a>, CacheError> {
         self.check_layer(layer)?;
-        let row = self.shape.n_head_kv * self.shape.head_dim;
-        let want = n
-            .checked_mul(row)
-            .ok_or(CacheError::Shape(format!("{n} tokens overflow usize")))?;
-        Self::check_len("k [n][n_head_kv][head_dim]", want, k.len())?;
-        Self::check_len("v [n][n_head_kv][head_dim]", want, v.len())?;
-        let len = self.lens[layer];
-        if n > self.shape.max_tokens - len {
-            return Err(CacheError::Overflow {
-                layer,
-                len,
-                n,
-                max_tokens: self.shape.max_tokens,
-            });
-        }
-        // Non-finite (or f16-overflowing) tokens are rejected: kept in f16 they would turn every
-        // later attention output into NaN anyway, and quantized they would poison their group.
-        // Checked on the stored form: a rotation can push a finite row over f16's range.
-        let (k, v) = (self.stored_form(k), self.stored_form(v));
-        for (tensor, x) in [("k", &k[..]), ("v", &v[..])] {
-            if let Some(i) = x.iter().position(|&a| !f16::from_f32(a).is_finite()) {
-                return Err(CacheError::NonFinite {
-                    layer,
-                    tensor,
-                    token: i / row,
-                    head: i % row / self.shape.head_dim,
-                    channel: i % self.shape.head_dim,
-                    value: x[i],
-                });
-            }
-        }
-        Ok((k, v))
+        checked_kv(&self.shape, self.rot(), layer, self.lens[layer], k, v, n)
     }
 
     /// Appends `n` tokens to `layer` (`k`, `v`: `[n][n_head_kv][head_dim]`, post-RoPE),

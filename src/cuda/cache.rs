@@ -436,51 +436,8 @@ impl CudaOttCache {
         n: usize,
     ) -> Result<(Vec<f32>, Vec<f32>), CudaError> {
         let (_, st) = self.layer(layer)?;
-        let row = self.shape.n_head_kv * self.shape.head_dim;
-        let want = n
-            .checked_mul(row)
-            .ok_or(CacheError::Shape(format!("{n} tokens overflow usize")))?;
-        for (what, got) in [("k [n][n_head_kv][head_dim]", k.len()), ("v", v.len())] {
-            if got != want {
-                return Err(CacheError::Length {
-                    what,
-                    expected: want,
-                    got,
-                }
-                .into());
-            }
-        }
-        if n > self.shape.max_tokens - st.len {
-            return Err(CacheError::Overflow {
-                layer,
-                len: st.len,
-                n,
-                max_tokens: self.shape.max_tokens,
-            }
-            .into());
-        }
-        let stored = |x: &[f32]| {
-            let mut y = x.to_vec();
-            if self.rot > 0 {
-                hadamard_blocks(&mut y, self.rot);
-            }
-            y
-        };
-        let (k, v) = (stored(k), stored(v));
-        for (tensor, x) in [("k", &k), ("v", &v)] {
-            if let Some(i) = x.iter().position(|&a| !f16::from_f32(a).is_finite()) {
-                return Err(CacheError::NonFinite {
-                    layer,
-                    tensor,
-                    token: i / row,
-                    head: i % row / self.shape.head_dim,
-                    channel: i % self.shape.head_dim,
-                    value: x[i],
-                }
-                .into());
-            }
-        }
-        Ok((k, v))
+        let (k, v) = crate::cache::checked_kv(&self.shape, self.rot, layer, st.len, k, v, n)?;
+        Ok((k.into_owned(), v.into_owned()))
     }
 
     /// Appends `n` tokens (`k`, `v`: `[n][n_head_kv][head_dim]`, post-RoPE), flushing on the
