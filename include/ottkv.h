@@ -94,7 +94,8 @@ typedef struct ottkv_cache_config {
     uint32_t score;           /* OTTKV_SCORE_L1 or OTTKV_SCORE_L2 */
     uint32_t value_group;     /* Gv: channels per value group; 0 = min(G, head_dim) */
     uint32_t rotate;          /* 1: Walsh-Hadamard-rotate K/V before storing (invisible to
-                                 callers; the ott3 preset), 0: off */
+                                 callers; the ott3 preset), 0: off, 2: values rotated, keys
+                                 per (layer, kv head) as the first flush finds best */
     uint32_t sink;            /* the first `sink` tokens stay exact f16 forever (0: none) */
     uint32_t window_bits;     /* 16: window, sinks and pools in f16; 8: in q8_0 blocks */
     uint32_t value_axis;      /* OTTKV_VALUE_PER_TOKEN (over value_group channels),

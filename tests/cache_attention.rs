@@ -184,6 +184,10 @@ const SPECS: &[&str] = &[
     "ottk4v2:g=16,r=0,p=3,e=2,t=0,va=c,wb=8",
     // A value group that does not divide head_dim is irrelevant (and allowed) per channel.
     "ott3:g=32,r=8,t=0,p=2,e=2,va=c,gv=24",
+    // Key rotation and row precision chosen per head at its first flush.
+    "ott3a:g=32,r=8,t=0",
+    "ott4a:g=16,r=0,p=3,e=2,t=0,sink=20",
+    "ott3:g=32,r=8,t=0,rot=auto,wb=auto,va=c",
 ];
 
 #[test]

@@ -756,10 +756,14 @@ pub(crate) fn attend_row_ref(
     out: &mut [f32],
 ) {
     let hd = h.head_dim();
-    let to32 = |x: &super::rows::Rows, n: usize| -> Vec<f32> {
+    let to32 = |x: &super::rows::Rows, n: usize, key: bool| -> Vec<f32> {
         let mut r = vec![0f32; n * hd];
         x.to_f32(0, n, &mut r);
-        h.unrotate(&mut r);
+        if key {
+            h.unrotate_keys(&mut r);
+        } else {
+            h.unrotate_values(&mut r);
+        }
         r
     };
     let mut keys: Vec<f32> = Vec::new(); // [visible][head_dim]
@@ -776,8 +780,8 @@ pub(crate) fn attend_row_ref(
         (&h.extra_k, &h.extra_v, h.extra_k.len()),
         (&h.win_k, &h.win_v, n_window),
     ] {
-        keys.extend(to32(k, n));
-        values.extend(to32(v, n));
+        keys.extend(to32(k, n, true));
+        values.extend(to32(v, n, false));
     }
     let scores: Vec<f32> = keys
         .chunks(hd)

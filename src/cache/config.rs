@@ -5,7 +5,7 @@
 //! residual window, `p` pool, `e` extra pool, `t` untraced leading layers, `s` score (`l1`|`l2`),
 //! `gv` value group (`auto` = min(G, head_dim)), `p@L` / `e@L` / `k@L` / `v@L` pool, extra
 //! pool, key bits and value bits of layer L (`L` may be a range `A-B`, both ends included),
-//! `rot` Hadamard rotation (`0`|`1`), `sink` exact leading tokens, `wb` bits (16|8) of the
+//! `rot` Hadamard rotation (`0`|`1`|`auto`: keys per head), `sink` exact leading tokens, `wb` bits (16|8) of the
 //! window, sinks and pools, `va` value axis (`t` per token over Gv channels, `c` per channel
 //! over G tokens). `s` given a number
 //! (`s=4`) means `sink` (scores are only ever `l1`/`l2`, so the two cannot be confused).
@@ -76,15 +76,16 @@ pub struct CacheConfig {
     pub overrides: Vec<LayerOverride>,
     /// Rotate keys and values by the orthonormal Walsh–Hadamard transform (blocks of the
     /// largest power of two dividing head_dim) before they are stored; the query is rotated
-    /// alike and the output rotated back, so callers never see it. Spreads a key channel
-    /// outlier over its block, which is what makes per-channel 3-bit keys hold. Default off.
-    pub rotate: bool,
+    /// alike and the output rotated back, so callers never see it. Default off.
+    pub rotate: Rotation,
     /// The first `sink` tokens of the sequence stay exact in f16 forever (attention sinks): they
     /// are masked out of their quantized group like pool tokens, leave the group's min/max, and
     /// never compete for the outlier pool. Default 0.
     pub sink: u32,
     /// Bits of the tokens kept outside quantized groups (window, sinks, pools): 16 = f16 (the
-    /// method's full precision), 8 = llama.cpp's q8_0 blocks. Default 16.
+    /// method's full precision), 8 = llama.cpp's q8_0 blocks, [`WINDOW_BITS_AUTO`] = q8_0
+    /// blocks unless a (layer, kv head)'s first group shows they would cost more than
+    /// [`Q8_ROWS_BELOW`] of its key codes' error (then f16). Default 16.
     pub window_bits: u32,
     /// How values are grouped (default: per token).
     pub value_axis: ValueAxis,
@@ -92,6 +93,42 @@ pub struct CacheConfig {
     /// otherwise; `None` = `key_bits`.
     pub untraced_key_bits: Option<u32>,
 }
+
+/// Walsh–Hadamard rotation of the stored rows.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Rotation {
+    /// Neither keys nor values.
+    #[default]
+    Off,
+    /// Keys and values. Spreads a key channel's outlier tokens over its block, which makes
+    /// per-channel 3-bit keys hold on SmolLM2 and Qwen2.5-Coder-1.5B, and evens out the
+    /// per-token value groups.
+    On,
+    /// Values always; keys per (layer, kv head), decided at its first flush by quantizing that
+    /// group both ways and keeping the form with the smaller key error (see
+    /// [`ROTATE_KEYS_BELOW`]). Rotation spreads a channel's variation over every channel of its
+    /// block: on heads whose variation sits in a few channels (Qwen2.5-Coder-0.5B's first
+    /// layers) per-channel quantization of the plain keys isolates it, and rotating them costs
+    /// 5–10× the attention error.
+    Auto,
+}
+
+/// `Rotation::Auto` rotates a head's keys when the rotated first group's squared key error is
+/// below this fraction of the plain one's (a small bias to the plain form, which is exact for
+/// the pool's scores and cheaper to attend).
+pub const ROTATE_KEYS_BELOW: f32 = 0.95;
+
+/// `window_bits` value that lets each (layer, kv head) choose q8_0 or f16 rows at its first
+/// flush.
+pub const WINDOW_BITS_AUTO: u32 = 0;
+
+/// Under [`WINDOW_BITS_AUTO`], a head keeps f16 rows when q8_0 rows would give its first
+/// group's keys more than this fraction of the squared error that group's quantized keys get.
+/// q8_0 scales a block of 32 channels by its largest value: on heads with a massive channel
+/// (Qwen2.5-Coder-0.5B layers 0, 1, 2, 4, 8: |k| up to 214) the other channels of the block
+/// lose their precision, and q8_0 rows err as much as 3-bit per-channel codes (ratio 0.06–2.1,
+/// against ≤ 0.015 on every other head); those heads' attention error went 0.15 → 0.47.
+pub const Q8_ROWS_BELOW: f64 = 0.05;
 
 /// Grouping of value quantization.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -120,8 +157,22 @@ impl Default for CacheConfig {
 
 /// Names accepted by [`CacheConfig::preset`].
 pub const PRESETS: &[&str] = &[
-    "ott2", "ott4", "ottk4v2", "ottk2v4", "ott2-p0", "kivi2", "kivi4", "ott3", "ott3c",
+    "recommended",
+    "ott3a",
+    "ott4a",
+    "ott2",
+    "ott4",
+    "ottk4v2",
+    "ottk2v4",
+    "ott2-p0",
+    "kivi2",
+    "kivi4",
+    "ott3",
+    "ott3c",
 ];
+
+/// The preset `recommended` stands for (a stable name for scripts while the choice moves).
+pub const RECOMMENDED: &str = "ott3a";
 
 impl CacheConfig {
     fn ott(key_bits: u32, value_bits: u32) -> Self {
@@ -136,7 +187,7 @@ impl CacheConfig {
             score: Score::L1,
             value_group: None,
             overrides: Vec::new(),
-            rotate: false,
+            rotate: Rotation::Off,
             sink: 0,
             window_bits: 16,
             value_axis: ValueAxis::Token,
@@ -162,7 +213,7 @@ impl CacheConfig {
     /// vs 0.091 / 0.071. 3.24 bits per element allocated at 8192 tokens on SmolLM2.
     fn ott3() -> Self {
         Self {
-            rotate: true,
+            rotate: Rotation::On,
             sink: 4,
             pool: 12,
             ..Self::ott(3, 2)
@@ -185,9 +236,35 @@ impl CacheConfig {
         }
     }
 
+    /// `ott3a`: 3-bit keys and 2-bit values that adapt to the model, within 3.0 bits per
+    /// element at 8192 tokens. As `ott3c` with the choices it fixed left to each (layer, kv
+    /// head) at its first flush: values always rotated, keys rotated only where that lowers
+    /// the group's key error (`rot=auto`), q8_0 rows unless a massive key channel makes them
+    /// err (`wb=auto`), and 3-bit keys in the untraced layers too (Qwen2.5-Coder-0.5B's layer
+    /// 0 is where its attention error is largest).
+    fn ott3a() -> Self {
+        Self {
+            rotate: Rotation::Auto,
+            window_bits: WINDOW_BITS_AUTO,
+            untraced_key_bits: None,
+            ..Self::ott3c()
+        }
+    }
+
+    /// `ott4a`: `ott3a` with 4-bit keys, the safer point at ≤ 3.5 bits.
+    fn ott4a() -> Self {
+        Self {
+            key_bits: 4,
+            ..Self::ott3a()
+        }
+    }
+
     /// A named preset (see [`PRESETS`]).
     pub fn preset(name: &str) -> Result<Self, CacheError> {
         Ok(match name {
+            "recommended" => return Self::preset(RECOMMENDED),
+            "ott3a" => Self::ott3a(),
+            "ott4a" => Self::ott4a(),
             "ott" | "ott2" => Self::ott(2, 2),
             "ott4" => Self::ott(4, 4),
             "ottk4v2" => Self::ott(4, 2),
@@ -233,10 +310,10 @@ impl CacheConfig {
                 format!("{} above {MAX_RESIDUAL}", self.residual),
             );
         }
-        if self.window_bits != 16 && self.window_bits != 8 {
+        if ![16, 8, WINDOW_BITS_AUTO].contains(&self.window_bits) {
             return bad(
                 "window_bits",
-                format!("{} is not 16 or 8", self.window_bits),
+                format!("{} is not 16, 8 or auto (0)", self.window_bits),
             );
         }
         if self.sink > MAX_SINK {
@@ -289,10 +366,9 @@ impl CacheConfig {
     /// Hadamard block for a head size when rotation is on (the largest power of two dividing
     /// head_dim, so one rotation never straddles two heads), else 0.
     pub fn rotation_block(&self, head_dim: u32) -> u32 {
-        if self.rotate {
-            head_dim & head_dim.wrapping_neg()
-        } else {
-            0
+        match self.rotate {
+            Rotation::Off => 0,
+            Rotation::On | Rotation::Auto => head_dim & head_dim.wrapping_neg(),
         }
     }
 
@@ -410,6 +486,7 @@ impl FromStr for CacheConfig {
                     }
                 }
                 "sink" => c.sink = num()?,
+                "wb" if val == "auto" => c.window_bits = WINDOW_BITS_AUTO,
                 "wb" => c.window_bits = num()?,
                 "va" => {
                     c.value_axis = match val {
@@ -427,9 +504,10 @@ impl FromStr for CacheConfig {
                 "kt" => c.untraced_key_bits = Some(num()?),
                 "rot" => {
                     c.rotate = match val {
-                        "0" | "false" | "off" => false,
-                        "1" | "true" | "on" => true,
-                        _ => return Err(err(key, format!("{val:?} is not 0 or 1"))),
+                        "0" | "false" | "off" => Rotation::Off,
+                        "1" | "true" | "on" => Rotation::On,
+                        "auto" => Rotation::Auto,
+                        _ => return Err(err(key, format!("{val:?} is not 0, 1 or auto"))),
                     }
                 }
                 "gv" => c.value_group = if val == "auto" { None } else { Some(num()?) },
@@ -507,14 +585,18 @@ impl fmt::Display for CacheConfig {
         if let Some(gv) = self.value_group {
             write!(f, ",gv={gv}")?;
         }
-        if self.rotate {
-            write!(f, ",rot=1")?;
+        match self.rotate {
+            Rotation::Off => {}
+            Rotation::On => write!(f, ",rot=1")?,
+            Rotation::Auto => write!(f, ",rot=auto")?,
         }
         if self.sink > 0 {
             write!(f, ",sink={}", self.sink)?;
         }
-        if self.window_bits != 16 {
-            write!(f, ",wb={}", self.window_bits)?;
+        match self.window_bits {
+            16 => {}
+            WINDOW_BITS_AUTO => write!(f, ",wb=auto")?,
+            b => write!(f, ",wb={b}")?,
         }
         match self.value_axis {
             ValueAxis::Token => {}

@@ -1,7 +1,8 @@
 //! Storage and outlier tracing of one (layer, kv-head) (OTT.md §2–§4).
 
+use super::config::{Q8_ROWS_BELOW, ROTATE_KEYS_BELOW};
 use super::rows::{RowPrecision, Rows};
-use super::{CacheError, MemoryStats, Score};
+use super::{CacheError, MemoryStats, Rotation, Score};
 use crate::format::{words_for, Geometry, OutlierSlot, QParams};
 use crate::quant::{
     dequantize_key_group, dequantize_value_row, hadamard_blocks, quantize_key_group,
@@ -17,8 +18,10 @@ use crate::quant::{
 /// is in `sink_k`/`sink_v`: a sink is just a pool entry that is never evicted, so the flush
 /// schedule and the position layout are the same with or without sinks.
 ///
-/// With rotation on (`rot` > 0) every stored K and V row (window, pools, sinks, quantized) is
-/// `H·x` in blocks of `rot` channels; the public accessors rotate back.
+/// With rotation on (`rot` > 0) every stored V row (window, pools, sinks, quantized) is `H·x`
+/// in blocks of `rot` channels, and so is every stored K row when `keys_rotated`; the public
+/// accessors rotate back. With the key rotation left to the head (`Rotation::Auto`), keys are
+/// stored plain until the first flush decides (`key_rotation_pending`).
 #[derive(Clone, Debug)]
 pub struct HeadCache {
     pub(crate) geo: Geometry,
@@ -28,8 +31,16 @@ pub struct HeadCache {
     pub(crate) score: Score,
     /// Hadamard block of the stored rows, 0 = not rotated.
     pub(crate) rot: usize,
+    /// Stored keys are rotated (values are whenever `rot` > 0).
+    pub(crate) keys_rotated: bool,
+    /// Keys come in plain and the head decides their rotation itself (`Rotation::Auto`).
+    pub(crate) auto_key_rotation: bool,
+    /// The first flush decides `keys_rotated`.
+    pub(crate) key_rotation_pending: bool,
     pub(crate) sink_cap: usize,
     pub(crate) rows: RowPrecision,
+    /// The first flush chooses `rows` (f16 or q8_0); until then rows are f16.
+    pub(crate) row_precision_pending: bool,
     /// Values per channel: `val_codes` is `[n_groups][head_dim][value words per channel]`,
     /// `val_params` `[n_groups][head_dim]`; else per token as documented below.
     pub(crate) value_per_channel: bool,
@@ -68,9 +79,12 @@ pub(crate) struct HeadSettings {
     pub score: Score,
     pub window_cap: usize,
     pub rot: usize,
+    /// How keys are rotated when `rot` > 0.
+    pub key_rotation: Rotation,
     pub sink_cap: usize,
-    /// Precision of the rows kept outside quantized groups (window, sinks, pools).
-    pub rows: RowPrecision,
+    /// Precision of the rows kept outside quantized groups (window, sinks, pools); `None`:
+    /// chosen at the first flush (f16 until then).
+    pub rows: Option<RowPrecision>,
     /// Values quantized per channel over the group (laid out as a key group).
     pub value_per_channel: bool,
 }
@@ -84,11 +98,14 @@ impl HeadCache {
             score,
             window_cap,
             rot,
+            key_rotation,
             sink_cap,
             rows,
             value_per_channel,
         } = st;
         let hd = geo.head_dim as usize;
+        let row_precision_pending = rows.is_none();
+        let rows = rows.unwrap_or(RowPrecision::F16);
         // Window and pools are bounded, so they are allocated once, exactly; the quantized
         // segments grow by exactly one group per flush (see `flush`).
         Self {
@@ -98,8 +115,12 @@ impl HeadCache {
             extra_cap,
             score,
             rot,
+            keys_rotated: rot > 0 && key_rotation == Rotation::On,
+            auto_key_rotation: rot > 0 && key_rotation == Rotation::Auto,
+            key_rotation_pending: rot > 0 && key_rotation == Rotation::Auto,
             sink_cap,
             rows,
+            row_precision_pending,
             value_per_channel,
             key_codes: Vec::new(),
             key_params: Vec::new(),
@@ -210,7 +231,11 @@ impl HeadCache {
     fn full_precision(&self, pos: usize, key: bool) -> Option<Vec<f32>> {
         let row = |buf: &Rows, i: usize| {
             let mut r = buf.row_f32(i);
-            self.unrotate(&mut r);
+            if key {
+                self.unrotate_keys(&mut r);
+            } else {
+                self.unrotate_values(&mut r);
+            }
             r
         };
         if pos >= self.quantized_len() && pos < self.len() {
@@ -227,22 +252,55 @@ impl HeadCache {
         Some(row(if key { &self.extra_k } else { &self.extra_v }, i))
     }
 
-    /// Rows `[n][head_dim]` from the stored (possibly rotated) space back to the caller's.
-    /// H is its own inverse, so this also rotates caller rows into the stored space.
-    pub(crate) fn unrotate(&self, rows: &mut [f32]) {
+    /// Key rows `[n][head_dim]` from the stored (possibly rotated) space back to the caller's.
+    /// H is its own inverse, so this also rotates caller rows (and queries) into the stored
+    /// space.
+    pub(crate) fn unrotate_keys(&self, rows: &mut [f32]) {
+        if self.keys_rotated {
+            hadamard_blocks(rows, self.rot);
+        }
+    }
+
+    /// Value rows `[n][head_dim]` from the stored space back to the caller's (and back).
+    pub(crate) fn unrotate_values(&self, rows: &mut [f32]) {
         if self.rot > 0 {
             hadamard_blocks(rows, self.rot);
         }
     }
 
+    /// Whether the stored keys are rotated (decided at the first flush under
+    /// `Rotation::Auto`; until then `false`).
+    pub fn keys_rotated(&self) -> bool {
+        self.keys_rotated
+    }
+
+    /// Precision of the rows kept outside quantized groups (f16 until a pending choice is
+    /// made).
+    pub fn row_precision(&self) -> RowPrecision {
+        self.rows
+    }
+
+    /// Whether the head still has to choose its row precision (no flush yet).
+    pub fn row_precision_pending(&self) -> bool {
+        self.row_precision_pending
+    }
+
+    /// Whether the head still has to decide its key rotation (no flush yet).
+    pub fn key_rotation_pending(&self) -> bool {
+        self.key_rotation_pending
+    }
+
     /// Dequantized keys of all quantized slots (scalar reference): `[quantized_len][head_dim]`,
     /// in the caller's space (rotated back when rotation is on).
     pub fn dequantized_keys(&self) -> Vec<f32> {
-        self.dequantized_channel_groups(&self.key_codes, &self.key_params, self.geo.key_bits)
+        let mut k =
+            self.dequantized_channel_groups(&self.key_codes, &self.key_params, self.geo.key_bits);
+        self.unrotate_keys(&mut k);
+        k
     }
 
     /// Per-channel groups (`[n_groups][head_dim][words]` codes, `[n_groups][head_dim]` params)
-    /// dequantized to `[quantized_len][head_dim]` in the caller's space.
+    /// dequantized to `[quantized_len][head_dim]` in the stored space.
     fn dequantized_channel_groups(&self, codes: &[u32], params: &[QParams], bits: u32) -> Vec<f32> {
         let (hd, g) = (self.head_dim(), self.group());
         let w = words_for(self.geo.key_group, bits) as usize;
@@ -258,7 +316,6 @@ impl HeadCache {
             )
             .expect("internal layout is consistent");
         }
-        self.unrotate(&mut out);
         out
     }
 
@@ -266,11 +323,13 @@ impl HeadCache {
     /// space.
     pub fn dequantized_values(&self) -> Vec<f32> {
         if self.value_per_channel {
-            return self.dequantized_channel_groups(
+            let mut v = self.dequantized_channel_groups(
                 &self.val_codes,
                 &self.val_params,
                 self.geo.value_bits,
             );
+            self.unrotate_values(&mut v);
+            return v;
         }
         let (hd, vw, np) = (self.head_dim(), self.val_words(), self.val_nparams());
         let mut out = vec![0f32; self.quantized_len() * hd];
@@ -284,7 +343,7 @@ impl HeadCache {
             )
             .expect("internal layout is consistent");
         }
-        self.unrotate(&mut out);
+        self.unrotate_values(&mut out);
         out
     }
 
@@ -318,20 +377,28 @@ impl HeadCache {
     /// observation (small-magnitude tokens) is about the model's own keys, so a rotated row is
     /// scored in the caller's space.
     fn score_stored(&self, k: impl Iterator<Item = f32>) -> f32 {
-        if self.rot == 0 {
+        if !self.keys_rotated {
             return self.score_of(k);
         }
         let mut r: Vec<f32> = k.collect(); // [head_dim]
-        self.unrotate(&mut r);
+        self.unrotate_keys(&mut r);
         self.score_of(r.into_iter())
     }
 
     /// Appends one token whose K and V are finite in f16 (checked by the caller) and flushes
-    /// the oldest G tokens when the window reaches R + G.
+    /// the oldest G tokens when the window reaches R + G. `v` comes in stored form (rotated
+    /// when `rot` > 0); `k` in the caller's space when the head decides its key rotation,
+    /// else in stored form too.
     pub(crate) fn push(&mut self, k: &[f32], v: &[f32]) -> Result<(), CacheError> {
         debug_assert_eq!(k.len(), self.head_dim());
         debug_assert!(self.win_k.len() < self.win_k.capacity());
-        self.win_k.push(k);
+        if self.keys_rotated && self.auto_key_rotation {
+            let mut kr = k.to_vec();
+            hadamard_blocks(&mut kr, self.rot);
+            self.win_k.push(&kr);
+        } else {
+            self.win_k.push(k);
+        }
         self.win_v.push(v);
         if self.window_len() == self.residual + self.group() {
             self.flush()?;
@@ -339,9 +406,117 @@ impl HeadCache {
         Ok(())
     }
 
+    /// Decides whether this head's keys are stored rotated, from the first group `kg`
+    /// (`[G][head_dim]`, caller's space, pool and sink slots already mean-filled): quantize it
+    /// plainly and rotated, keep the rotation when its squared error over the unselected slots
+    /// is below [`ROTATE_KEYS_BELOW`] of the plain one's. Rotating converts every key row the
+    /// head holds (window, sinks, pools) and `kg` itself.
+    fn decide_key_rotation(&mut self, kg: &mut [f32], selected: &[bool]) -> Result<(), CacheError> {
+        self.key_rotation_pending = false;
+        let (hd, g, bits) = (self.head_dim(), self.group(), self.geo.key_bits);
+        let err = |x: &[f32]| -> Result<f64, CacheError> {
+            let w = words_for(g as u32, bits) as usize;
+            let mut codes = vec![0u32; hd * w];
+            let mut params = vec![QParams::default(); hd];
+            quantize_key_group(x, g, hd, bits, &mut codes, &mut params)?;
+            let mut back = vec![0f32; g * hd];
+            dequantize_key_group(&codes, &params, g, hd, bits, &mut back)?;
+            Ok(x.chunks(hd)
+                .zip(back.chunks(hd))
+                .zip(selected)
+                .filter(|(_, &s)| !s)
+                .map(|((a, b), _)| {
+                    a.iter()
+                        .zip(b)
+                        .map(|(&a, &b)| f64::from(a - b).powi(2))
+                        .sum::<f64>()
+                })
+                .sum())
+        };
+        let plain = err(kg)?;
+        let mut rotated = kg.to_vec();
+        hadamard_blocks(&mut rotated, self.rot);
+        let rot_err = err(&rotated)?;
+        if rot_err < f64::from(ROTATE_KEYS_BELOW) * plain {
+            self.keys_rotated = true;
+            kg.copy_from_slice(&rotated);
+            let rot = self.rot;
+            for rows in [
+                &mut self.win_k,
+                &mut self.sink_k,
+                &mut self.pool_k,
+                &mut self.extra_k,
+            ] {
+                rows.map_rows(|r| hadamard_blocks(r, rot));
+            }
+        }
+        Ok(())
+    }
+
+    /// Chooses this head's row precision from the first group's keys `kg` (`[G][head_dim]`,
+    /// stored space, the leading `skip` sink slots left out): q8_0 rows unless their squared
+    /// key error exceeds [`Q8_ROWS_BELOW`] of the group's per-channel codes' (see there). A
+    /// choice of q8_0 converts every row the head holds.
+    fn choose_row_precision(&mut self, kg: &[f32], skip: usize) -> Result<(), CacheError> {
+        self.row_precision_pending = false;
+        let (hd, g, bits) = (self.head_dim(), self.group(), self.geo.key_bits);
+        let q8 = RowPrecision::new(8, hd);
+        let x = &kg[skip.min(g) * hd..];
+        let n = x.len() / hd;
+        if n == 0 {
+            return Ok(());
+        }
+        let mut rows = Rows::with_capacity(q8, hd, n);
+        x.chunks(hd).for_each(|r| rows.push(r));
+        let mut back = vec![0f32; x.len()];
+        rows.to_f32(0, n, &mut back);
+        let q8_err: f64 = x
+            .iter()
+            .zip(&back)
+            .map(|(&a, &b)| f64::from(a - b).powi(2))
+            .sum();
+        let mut padded = kg.to_vec();
+        // The sink slots join the group's range in no case; give them a group value.
+        for t in 0..skip.min(g) {
+            padded.copy_within(skip.min(g - 1) * hd..(skip.min(g - 1) + 1) * hd, t * hd);
+        }
+        let w = words_for(g as u32, bits) as usize;
+        let mut codes = vec![0u32; hd * w];
+        let mut params = vec![QParams::default(); hd];
+        quantize_key_group(&padded, g, hd, bits, &mut codes, &mut params)?;
+        let mut deq = vec![0f32; g * hd];
+        dequantize_key_group(&codes, &params, g, hd, bits, &mut deq)?;
+        let code_err: f64 = padded[skip.min(g) * hd..]
+            .iter()
+            .zip(&deq[skip.min(g) * hd..])
+            .map(|(&a, &b)| f64::from(a - b).powi(2))
+            .sum();
+        if q8_err <= Q8_ROWS_BELOW * code_err {
+            self.rows = q8;
+            for r in [
+                &mut self.win_k,
+                &mut self.win_v,
+                &mut self.sink_k,
+                &mut self.sink_v,
+                &mut self.pool_k,
+                &mut self.pool_v,
+                &mut self.extra_k,
+                &mut self.extra_v,
+            ] {
+                *r = r.converted(q8);
+            }
+        }
+        Ok(())
+    }
+
     /// Traces outliers in the oldest G window tokens, then quantizes them as one group.
     fn flush(&mut self) -> Result<(), CacheError> {
         let (hd, g) = (self.head_dim(), self.group());
+        if self.row_precision_pending {
+            let mut kg = vec![0f32; g * hd]; // [G][head_dim]
+            self.win_k.to_f32(0, g, &mut kg);
+            self.choose_row_precision(&kg, self.sink_cap)?;
+        }
         let gi = self.n_groups;
         let base = gi * g;
         let mut kg = vec![0f32; g * hd]; // [G][head_dim]
@@ -419,6 +594,9 @@ impl HeadCache {
         }
         fill_with_mean_of_others(&mut kg, &selected, hd);
         fill_with_mean_of_others(&mut vg, &selected, hd);
+        if self.key_rotation_pending {
+            self.decide_key_rotation(&mut kg, &selected)?;
+        }
 
         let (kw, vw, np) = (self.key_words(), self.val_words(), self.val_nparams());
         let (kc0, kp0, vc0, vp0) = (

@@ -84,38 +84,56 @@ pub fn expected_memory(
     n_tokens: usize,
 ) -> Result<MemoryStats, CacheError> {
     super::ott::check_shape(config, shape)?;
-    let hd = shape.head_dim;
-    let (g, r) = (config.group as usize, config.residual as usize);
-    let gv = config.value_group_for(hd as u32) as usize;
-    let f = n_tokens.saturating_sub(r) / g;
-    let qp = std::mem::size_of::<QParams>();
-    let row = super::RowPrecision::new(config.window_bits, hd).row_bytes(hd);
-    let slot = std::mem::size_of::<OutlierSlot>();
+    // Rows chosen per head (`wb=auto`) are costed at f16, the most they can take.
+    let bits = match config.window_bits {
+        super::config::WINDOW_BITS_AUTO => 16,
+        b => b,
+    };
+    let row = super::RowPrecision::new(bits, shape.head_dim);
     let mut total = MemoryStats::default();
     for layer in 0..shape.n_layer {
-        let (p, e) = config.pools_for(layer as u32);
-        let (p, e) = (p as usize, e as usize);
-        let (kb, vb) = config.bits_for(layer as u32);
-        let kw = words_for(g as u32, kb) as usize;
-        let vw = words_for(hd as u32, vb) as usize;
-        // Values per token: G rows of vw words and hd/Gv params; per channel: a key-like group.
-        let (v_codes, v_params) = if config.values_per_channel(hd as u32) {
-            (hd * words_for(g as u32, vb) as usize, hd)
-        } else {
-            (g * vw, g * (hd / gv))
-        };
-        let one = MemoryStats::new(
-            4 * f * (hd * kw + v_codes),
-            qp * f * (hd + v_params),
-            2 * row * (r + g).min(shape.max_tokens),
-            2 * row * (p + e + (config.sink as usize).min(shape.max_tokens)),
-            4 * f * g.div_ceil(32) + slot * (p + e),
-        );
+        let one = expected_head_memory(config, shape, layer, row, n_tokens);
         for _ in 0..shape.n_head_kv {
             total = total + one;
         }
     }
     Ok(total)
+}
+
+/// The closed form of one (layer, kv head) whose rows are stored in `row` precision (the
+/// shape already checked).
+pub(crate) fn expected_head_memory(
+    config: &CacheConfig,
+    shape: &CacheShape,
+    layer: usize,
+    row: super::RowPrecision,
+    n_tokens: usize,
+) -> MemoryStats {
+    let hd = shape.head_dim;
+    let (g, r) = (config.group as usize, config.residual as usize);
+    let gv = config.value_group_for(hd as u32) as usize;
+    let f = n_tokens.saturating_sub(r) / g;
+    let qp = std::mem::size_of::<QParams>();
+    let row = row.row_bytes(hd);
+    let slot = std::mem::size_of::<OutlierSlot>();
+    let (p, e) = config.pools_for(layer as u32);
+    let (p, e) = (p as usize, e as usize);
+    let (kb, vb) = config.bits_for(layer as u32);
+    let kw = words_for(g as u32, kb) as usize;
+    let vw = words_for(hd as u32, vb) as usize;
+    // Values per token: G rows of vw words and hd/Gv params; per channel: a key-like group.
+    let (v_codes, v_params) = if config.values_per_channel(hd as u32) {
+        (hd * words_for(g as u32, vb) as usize, hd)
+    } else {
+        (g * vw, g * (hd / gv))
+    };
+    MemoryStats::new(
+        4 * f * (hd * kw + v_codes),
+        qp * f * (hd + v_params),
+        2 * row * (r + g).min(shape.max_tokens),
+        2 * row * (p + e + (config.sink as usize).min(shape.max_tokens)),
+        4 * f * g.div_ceil(32) + slot * (p + e),
+    )
 }
 
 /// Bytes the same tokens take in a plain f16 cache (K and V), for ratios.

@@ -29,13 +29,13 @@ mod ott;
 mod rows;
 
 pub(crate) use attn::dot_lanes;
-pub use config::{CacheConfig, LayerOverride, Score, ValueAxis, PRESETS};
+pub use config::{CacheConfig, LayerOverride, Rotation, Score, ValueAxis, PRESETS};
 pub use error::CacheError;
 pub use head::HeadCache;
 pub use memory::{expected_memory, f16_bytes, MemoryStats};
 #[cfg(feature = "cuda")]
 pub(crate) use ott::checked_kv;
-pub use ott::{CacheShape, OttCache, MAX_HEAD_DIM};
+pub use ott::{CacheChoices, CacheShape, OttCache, MAX_HEAD_DIM};
 pub use rows::RowPrecision;
 #[cfg(feature = "cuda")]
 pub(crate) use rows::Rows;

@@ -6,8 +6,9 @@ use std::ops::Range;
 use half::f16;
 
 use super::attn::{attend_block, attend_row_ref, with_scratch, Dequantized};
+use super::config::WINDOW_BITS_AUTO;
 use super::head::HeadSettings;
-use super::{CacheConfig, CacheError, HeadCache, MemoryStats, RowPrecision};
+use super::{CacheConfig, CacheError, HeadCache, MemoryStats, Rotation, RowPrecision};
 use crate::format::Geometry;
 use crate::quant::hadamard_blocks;
 
@@ -67,16 +68,21 @@ pub(crate) fn check_shape(config: &CacheConfig, shape: &CacheShape) -> Result<()
     Ok(())
 }
 
-/// K and V rows `[n][n_head_kv][head_dim]` as the heads store them (rotated or not).
+/// K and V rows `[n][n_head_kv][head_dim]` as the heads take them (rotated or not).
 type StoredKv<'a> = (Cow<'a, [f32]>, Cow<'a, [f32]>);
 
 /// Checks `n` new tokens' `k`/`v` (`[n][n_head_kv][head_dim]`) for a layer that holds `len`
-/// tokens: lengths, token budget, and values finite in f16 once in stored form (rotated by
-/// blocks of `rot`, 0 = not; a rotation can push a finite row over f16's range). Returns the
-/// rows as they will be stored. Shared by every cache implementation so they refuse alike.
+/// tokens: lengths, token budget, and values finite in f16 in every form they may be stored
+/// in (rotated by blocks of `rot`, 0 = not; a rotation can push a finite row over f16's
+/// range). Returns the rows as the heads take them: values rotated when `rot` > 0, keys
+/// rotated under `Rotation::On`, plain under `Rotation::Auto` (each head rotates its own once
+/// it has decided; both forms are checked here). Shared by every cache implementation so they
+/// refuse alike.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn checked_kv<'a>(
     shape: &CacheShape,
     rot: usize,
+    keys: Rotation,
     layer: usize,
     len: usize,
     k: &'a [f32],
@@ -97,30 +103,89 @@ pub(crate) fn checked_kv<'a>(
             max_tokens: shape.max_tokens,
         });
     }
-    let stored = |x: &'a [f32]| match rot {
-        0 => Cow::Borrowed(x),
-        b => {
-            let mut y = x.to_vec();
-            hadamard_blocks(&mut y, b);
-            Cow::Owned(y)
-        }
+    let rotated = |x: &[f32]| {
+        let mut y = x.to_vec();
+        hadamard_blocks(&mut y, rot);
+        y
     };
     // Non-finite (or f16-overflowing) tokens are rejected: kept in f16 they would turn every
     // later attention output into NaN anyway, and quantized they would poison their group.
-    let (k, v) = (stored(k), stored(v));
-    for (tensor, x) in [("k", &k[..]), ("v", &v[..])] {
-        if let Some(i) = x.iter().position(|&a| !f16::from_f32(a).is_finite()) {
-            return Err(CacheError::NonFinite {
-                layer,
-                tensor,
-                token: i / row,
-                head: i % row / shape.head_dim,
-                channel: i % shape.head_dim,
-                value: x[i],
-            });
+    let finite = |tensor: &'static str, x: &[f32]| match x
+        .iter()
+        .position(|&a| !f16::from_f32(a).is_finite())
+    {
+        Some(i) => Err(CacheError::NonFinite {
+            layer,
+            tensor,
+            token: i / row,
+            head: i % row / shape.head_dim,
+            channel: i % shape.head_dim,
+            value: x[i],
+        }),
+        None => Ok(()),
+    };
+    let (k, v) = match (rot, keys) {
+        (0, _) | (_, Rotation::Off) => (Cow::Borrowed(k), Cow::Borrowed(v)),
+        (_, Rotation::On) => (Cow::Owned(rotated(k)), Cow::Owned(rotated(v))),
+        (_, Rotation::Auto) => {
+            finite("k", &rotated(k))?;
+            (Cow::Borrowed(k), Cow::Owned(rotated(v)))
         }
-    }
+    };
+    finite("k", &k)?;
+    finite("v", &v)?;
     Ok((k, v))
+}
+
+/// Choices a cache made from the data (see [`OttCache::choices`]); (layer, kv head) pairs.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct CacheChoices {
+    pub heads: usize,
+    /// Heads that decided their key rotation (`rot=auto`), and those that rotate.
+    pub key_rotation_decided: usize,
+    pub keys_rotated: Vec<(u32, u32)>,
+    /// Heads that chose their row precision (`wb=auto`), and those that kept f16.
+    pub rows_decided: usize,
+    pub f16_rows: Vec<(u32, u32)>,
+}
+
+impl CacheChoices {
+    /// True when the config left nothing to decide.
+    pub fn is_empty(&self) -> bool {
+        self.key_rotation_decided == 0 && self.rows_decided == 0
+    }
+}
+
+impl std::fmt::Display for CacheChoices {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let list = |v: &[(u32, u32)]| {
+            v.iter()
+                .map(|(l, h)| format!("{l}.{h}"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        let mut parts = Vec::new();
+        if self.key_rotation_decided > 0 {
+            parts.push(format!(
+                "keys rotated in {}/{} heads [{}]",
+                self.keys_rotated.len(),
+                self.key_rotation_decided,
+                list(&self.keys_rotated)
+            ));
+        }
+        if self.rows_decided > 0 {
+            parts.push(format!(
+                "f16 rows in {}/{} heads [{}]",
+                self.f16_rows.len(),
+                self.rows_decided,
+                list(&self.f16_rows)
+            ));
+        }
+        if parts.is_empty() {
+            return write!(f, "nothing decided yet");
+        }
+        write!(f, "{} (layer.head)", parts.join("; "))
+    }
 }
 
 /// The OTT KV cache of one sequence.
@@ -157,8 +222,10 @@ impl OttCache {
                 score: config.score,
                 window_cap,
                 rot: config.rotation_block(shape.head_dim as u32) as usize,
+                key_rotation: config.rotate,
                 sink_cap: (config.sink as usize).min(shape.max_tokens),
-                rows: RowPrecision::new(config.window_bits, shape.head_dim),
+                rows: (config.window_bits != WINDOW_BITS_AUTO)
+                    .then(|| RowPrecision::new(config.window_bits, shape.head_dim)),
                 value_per_channel: config.values_per_channel(shape.head_dim as u32),
             };
             for _ in 0..shape.n_head_kv {
@@ -277,6 +344,57 @@ impl OttCache {
         }
     }
 
+    /// What the cache decided per (layer, kv head) where its config leaves it to the data
+    /// (`rot=auto`, `wb=auto`): made at each head's first flush, fixed afterwards.
+    pub fn choices(&self) -> CacheChoices {
+        let nkv = self.shape.n_head_kv;
+        let mut c = CacheChoices {
+            heads: self.heads.len(),
+            ..Default::default()
+        };
+        for (i, h) in self.heads.iter().enumerate() {
+            let at = ((i / nkv) as u32, (i % nkv) as u32);
+            if h.auto_key_rotation {
+                c.key_rotation_decided += usize::from(!h.key_rotation_pending());
+                if h.keys_rotated() {
+                    c.keys_rotated.push(at);
+                }
+            }
+            if self.config.window_bits == WINDOW_BITS_AUTO {
+                c.rows_decided += usize::from(!h.row_precision_pending());
+                if !h.row_precision_pending() && h.row_precision() == RowPrecision::F16 {
+                    c.f16_rows.push(at);
+                }
+            }
+        }
+        c
+    }
+
+    /// The closed form of [`Self::memory`] at `n_tokens` tokens in every layer, with the row
+    /// precision each head has chosen (f16 where it has not chosen yet).
+    pub fn expected_memory_at(&self, n_tokens: usize) -> Result<MemoryStats, CacheError> {
+        let shape = CacheShape {
+            max_tokens: self.shape.max_tokens.max(n_tokens),
+            ..self.shape
+        };
+        check_shape(&self.config, &shape)?;
+        let nkv = self.shape.n_head_kv;
+        Ok(self
+            .heads
+            .iter()
+            .enumerate()
+            .map(|(i, h)| {
+                super::memory::expected_head_memory(
+                    &self.config,
+                    &shape,
+                    i / nkv,
+                    h.row_precision(),
+                    n_tokens,
+                )
+            })
+            .fold(MemoryStats::default(), |a, b| a + b))
+    }
+
     /// Hadamard block of stored rows (0 = none).
     fn rot(&self) -> usize {
         self.config.rotation_block(self.shape.head_dim as u32) as usize
@@ -292,7 +410,16 @@ impl OttCache {
         n: usize,
     ) -> Result<StoredKv<'a>, CacheError> {
         self.check_layer(layer)?;
-        checked_kv(&self.shape, self.rot(), layer, self.lens[layer], k, v, n)
+        checked_kv(
+            &self.shape,
+            self.rot(),
+            self.config.rotate,
+            layer,
+            self.lens[layer],
+            k,
+            v,
+            n,
+        )
     }
 
     /// Appends `n` tokens to `layer` (`k`, `v`: `[n][n_head_kv][head_dim]`, post-RoPE),
@@ -396,19 +523,16 @@ impl OttCache {
         let len = self.lens[layer];
         let heads = self.layer_heads(layer);
         // Rotated cache: q·k = (Hq)·(Hk), and Σ p·(Hv) = H·(Σ p·v), so the rows of this call
-        // are rotated once here and the outputs rotated back once below.
+        // are rotated once here (used by the heads whose keys are rotated) and the outputs
+        // rotated back once below.
         let rot = self.rot();
-        let q_rows = &q[rows.start * hd..rows.end * hd]; // [rows][head_dim]
-        let q_rot: Vec<f32>;
-        let q_rows = if rot > 0 {
-            q_rot = {
-                let mut qr = q_rows.to_vec();
-                hadamard_blocks(&mut qr, rot);
-                qr
-            };
-            &q_rot[..]
+        let q_plain = &q[rows.start * hd..rows.end * hd]; // [rows][head_dim]
+        let q_rot: Vec<f32> = if heads.iter().any(HeadCache::keys_rotated) {
+            let mut qr = q_plain.to_vec();
+            hadamard_blocks(&mut qr, rot);
+            qr
         } else {
-            q_rows
+            Vec::new()
         };
         let out_all = &mut *out;
         with_scratch(|s1, s| {
@@ -421,6 +545,11 @@ impl OttCache {
                 let (o, rest) = out.split_at_mut((end - r) * hd);
                 let head = &heads[h / rep];
                 let n_window = len - n + i + 1 - head.quantized_len();
+                let q_rows = if head.keys_rotated() {
+                    &q_rot[..]
+                } else {
+                    q_plain
+                };
                 let qb = &q_rows[(r - rows.start) * hd..(end - rows.start) * hd];
                 attend_block(head, qb, scale, n_window, s1, s, o);
                 (r, out) = (end, rest);

@@ -169,6 +169,30 @@ impl Rows {
         }
     }
 
+    /// Rewrites every row through `f` (`[head_dim]` in f32), re-quantizing q8 rows; capacity
+    /// is kept.
+    pub(crate) fn map_rows(&mut self, mut f: impl FnMut(&mut [f32])) {
+        let n = self.len();
+        let mut all = vec![0f32; n * self.hd]; // [rows][head_dim]
+        self.to_f32(0, n, &mut all);
+        self.clear();
+        for row in all.chunks_mut(self.hd) {
+            f(row);
+            self.push(row);
+        }
+    }
+
+    /// The same rows in precision `prec`, with room for exactly as many rows as `self`.
+    pub(crate) fn converted(&self, prec: RowPrecision) -> Rows {
+        let mut out = Rows::with_capacity(prec, self.hd, self.capacity());
+        let mut row = vec![0f32; self.hd];
+        for i in 0..self.len() {
+            self.to_f32(i, i + 1, &mut row);
+            out.push(&row);
+        }
+        out
+    }
+
     /// Removes every row (capacity kept).
     pub(crate) fn clear(&mut self) {
         self.f16.clear();

@@ -9,7 +9,7 @@ use super::{
     ottkv_cache_shape, ottkv_layer_override, ottkv_memory_stats, ottkv_status, out_slice,
     write_out, CResult, CACHES,
 };
-use crate::cache::{CacheConfig, CacheShape, LayerOverride, OttCache, Score, ValueAxis};
+use crate::cache::{CacheConfig, CacheShape, LayerOverride, OttCache, Rotation, Score, ValueAxis};
 
 /// Most per-layer overrides a C config may carry (a hostile count must not drive allocation).
 const MAX_OVERRIDES: usize = 1 << 16;
@@ -92,12 +92,13 @@ fn config_from_c(c: &ottkv_cache_config) -> CResult<CacheConfig> {
         value_group: (c.value_group != 0).then_some(c.value_group),
         overrides,
         rotate: match c.rotate {
-            0 => false,
-            1 => true,
+            0 => Rotation::Off,
+            1 => Rotation::On,
+            2 => Rotation::Auto,
             r => {
                 return err(
                     OTTKV_ERR_INVALID_ARGUMENT,
-                    format!("rotate {r} is not 0 or 1"),
+                    format!("rotate {r} is not 0, 1 or 2 (auto)"),
                 )
             }
         },
@@ -135,7 +136,11 @@ fn config_to_c(c: &CacheConfig) -> ottkv_cache_config {
             Score::L2 => 1,
         },
         value_group: c.value_group.unwrap_or(0),
-        rotate: u32::from(c.rotate),
+        rotate: match c.rotate {
+            Rotation::Off => 0,
+            Rotation::On => 1,
+            Rotation::Auto => 2,
+        },
         sink: c.sink,
         window_bits: c.window_bits,
         value_axis: match c.value_axis {

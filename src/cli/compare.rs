@@ -256,6 +256,11 @@ fn print_table(p: &Prepared, n_ctx: usize, results: &[RowResult]) {
             r.seconds
         );
     }
+    for r in results {
+        if let Some(c) = &r.choices {
+            println!("{} {} chose: {c}", r.engine.name(), r.cache);
+        }
+    }
 }
 
 fn sha256_file(path: &Path) -> Result<String> {

@@ -250,6 +250,11 @@ fn unsupported(config: &CacheConfig, n_layer: usize, head_dim: usize) -> Result<
             config.window_bits
         )));
     }
+    if config.rotate == crate::cache::Rotation::Auto {
+        return Err(CudaError::Unsupported(
+            "rot=auto (per-head key rotation); keys and values rotate together on CUDA".into(),
+        ));
+    }
     if config.values_per_channel(head_dim as u32) {
         return Err(CudaError::Unsupported(
             "per-channel values (va=c); values are per token on CUDA".into(),
@@ -436,7 +441,16 @@ impl CudaOttCache {
         n: usize,
     ) -> Result<(Vec<f32>, Vec<f32>), CudaError> {
         let (_, st) = self.layer(layer)?;
-        let (k, v) = crate::cache::checked_kv(&self.shape, self.rot, layer, st.len, k, v, n)?;
+        let (k, v) = crate::cache::checked_kv(
+            &self.shape,
+            self.rot,
+            self.config.rotate,
+            layer,
+            st.len,
+            k,
+            v,
+            n,
+        )?;
         Ok((k.into_owned(), v.into_owned()))
     }
 
@@ -790,6 +804,7 @@ mod tests {
             "ott2:k@1=4",
             "ott2:v@0=4",
             "ott3c",
+            "ott3:rot=auto",
         ] {
             let c: CacheConfig = spec.parse().unwrap();
             let e = unsupported(&c, 2, 64).unwrap_err();

@@ -28,6 +28,9 @@ pub struct RowResult {
     /// The same at 8192 tokens (closed form), the length the frontier is judged at.
     pub bits_at_8192: f64,
     pub kv_bytes_per_token: f64,
+    /// What the cache decided from the data on the last chunk (`rot=auto`, `wb=auto`); the
+    /// bits at 8192 tokens are costed with these decisions.
+    pub choices: Option<crate::cache::CacheChoices>,
     pub seconds: f64,
     pub chunks: usize,
     pub chunk_ppl: Vec<f64>,
@@ -98,6 +101,7 @@ pub fn run_rows(
     let mut scores = vec![Scores::default(); rows.len()];
     let mut seconds = vec![0f64; rows.len()];
     let mut bytes = vec![0usize; rows.len()];
+    let mut choices = vec![None; rows.len()];
     'chunks: for (ci, chunk) in chunks.iter().enumerate() {
         let mut reference: Option<Vec<f32>> = None;
         for (ri, runner) in runners.iter_mut().enumerate() {
@@ -113,6 +117,9 @@ pub fn run_rows(
             let logits = runner.run(chunk, first)?;
             seconds[ri] += t0.elapsed().as_secs_f64();
             bytes[ri] = runner.kv_bytes();
+            choices[ri] = runner
+                .choices(FRONTIER_TOKENS)
+                .filter(|(c, _)| !c.is_empty());
             let refl = if s.with_reference && ri > 0 {
                 reference.as_deref()
             } else {
@@ -154,8 +161,12 @@ pub fn run_rows(
             kld_max: m.kld_max,
             top1: m.top1,
             bits_per_element: bpt * 8.0 / elems_per_token,
-            bits_at_8192: r.bits_at(hp, FRONTIER_TOKENS)?,
+            bits_at_8192: match &choices[ri] {
+                Some((_, b)) => *b as f64 * 8.0 / (elems_per_token * FRONTIER_TOKENS as f64),
+                None => r.bits_at(hp, FRONTIER_TOKENS)?,
+            },
             kv_bytes_per_token: bpt,
+            choices: choices[ri].clone().map(|(c, _)| c),
             seconds: seconds[ri],
             chunks: m.chunks,
             chunk_ppl: scores[ri].chunk_ppl.clone(),

@@ -106,6 +106,11 @@ pub trait ChunkRunner {
     fn kv_bytes(&self) -> usize;
     /// Empties the cache.
     fn reset(&mut self) -> Result<()>;
+    /// What the cache decided from the data in the last run, and its bytes at `n_tokens`
+    /// with those decisions (caches that decide nothing: None).
+    fn choices(&self, _n_tokens: usize) -> Option<(crate::cache::CacheChoices, usize)> {
+        None
+    }
     /// Appends `tokens` after what is cached, computing only the last token's logits (what
     /// prompt processing and decoding do).
     fn feed(&mut self, tokens: &[i32]) -> Result<()>;
@@ -154,6 +159,9 @@ impl ChunkRunner for OurRunner<'_> {
     }
     fn reset(&mut self) -> Result<()> {
         self.s.reset()
+    }
+    fn choices(&self, n_tokens: usize) -> Option<(crate::cache::CacheChoices, usize)> {
+        self.s.cache_choices(n_tokens)
     }
     fn feed(&mut self, tokens: &[i32]) -> Result<()> {
         self.s.eval(tokens, Logits::Last).map(drop)

@@ -266,6 +266,15 @@ impl Kv {
         }
     }
 
+    /// What our cache decided from the data, and its closed-form memory at `n_tokens` with
+    /// those decisions (None for the ggml caches, which decide nothing).
+    pub fn choices(&self, n_tokens: usize) -> Option<(crate::cache::CacheChoices, usize)> {
+        let Kv::Ott(o) = self else { return None };
+        let c = o.cache.read().ok()?;
+        let bytes = c.expected_memory_at(n_tokens).ok()?.total;
+        Some((c.choices(), bytes))
+    }
+
     pub fn reset(&mut self) -> Result<()> {
         match self {
             Kv::Ggml(g) => {

@@ -65,6 +65,12 @@ impl<'m> Session<'m> {
         self.kv.bytes()
     }
 
+    /// What the cache decided from the data so far and its memory at `n_tokens` with those
+    /// decisions (our cache only).
+    pub fn cache_choices(&self, n_tokens: usize) -> Option<(crate::cache::CacheChoices, usize)> {
+        self.kv.choices(n_tokens)
+    }
+
     /// Forgets every token: the next `eval` starts at position 0.
     pub fn reset(&mut self) -> Result<()> {
         self.kv.reset()?;
