@@ -38,6 +38,10 @@ trap 'rm -rf "$tmp"' EXIT
 fetch_parts() {
   local file=$1 sha=$2 n=$3 pkg_fmt=$4 version=$5 member_fmt=$6 offset=${7:-0} i pkg member
   if sha_ok "$model_dir/$file" "$sha"; then echo "$model_dir/$file"; return; fi
+  # A read-only model dir (a shared one) holds the default model only: fetch into the cache.
+  mkdir -p "$model_dir" 2>/dev/null || true
+  [ -w "$model_dir" ] || model_dir="$cache/models"
+  if sha_ok "$model_dir/$file" "$sha"; then echo "$model_dir/$file"; return; fi
   mkdir -p "$model_dir"
   : > "$model_dir/$file.part"
   for i in $(seq 1 "$n"); do

@@ -7,6 +7,7 @@ pub mod gguf_reader;
 pub mod log;
 pub mod ops;
 pub mod quantize;
+pub mod repack;
 pub mod sys;
 
 pub use context::{Context, Graph, GraphAllocator, Tensor, GRAPH_NODES};

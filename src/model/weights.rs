@@ -2,6 +2,7 @@
 //! read ahead: pages come in as the matmuls touch them).
 
 use crate::error::{Error, Result};
+use crate::ggml::repack::{Candidate, ExtraWeights};
 use crate::ggml::{sys, Context, Tensor};
 use crate::gguf::{GgufFile, ModelHparams};
 use std::path::Path;
@@ -37,6 +38,9 @@ pub enum Arch {
 pub struct Model {
     // Declared before `file`: the tensors point into the mapping, so the context goes first.
     ctx: Context,
+    /// Matmul weights that ggml's CPU extra buffer types took (repacked copies, as llama.cpp
+    /// keeps them); the handles below point there for those.
+    extra: ExtraWeights,
     pub(crate) tok_embd: W,
     pub(crate) output_norm: W,
     pub(crate) output: W,
@@ -125,7 +129,12 @@ impl Model {
         };
         let tok_embd = req("token_embd.weight", &[e, vocab])?;
         let output_norm = req("output_norm.weight", &[e])?;
-        let output = bind("output.weight", &[e, vocab], false)?.unwrap_or(tok_embd);
+        let output_name = if file.gguf().tensor("output.weight").is_some() {
+            "output.weight"
+        } else {
+            "token_embd.weight"
+        };
+        let mut output = bind("output.weight", &[e, vocab], false)?.unwrap_or(tok_embd);
         let qwen = arch == Arch::Qwen2;
         let mut layers = Vec::with_capacity(hp.n_layer as usize);
         for l in 0..hp.n_layer {
@@ -146,8 +155,48 @@ impl Model {
                 ffn_down: req(&n("ffn_down.weight"), &[ff, e])?,
             });
         }
+        // Every matmul weight goes where llama.cpp would put it (a tied output gets its own
+        // copy there, as llama.cpp duplicates it; the embedding lookup keeps the mapping).
+        let mut roles: Vec<(&mut W, String)> = vec![(&mut output, output_name.to_string())];
+        for (l, lw) in layers.iter_mut().enumerate() {
+            for (w, s) in [
+                (&mut lw.wq, "attn_q.weight"),
+                (&mut lw.wk, "attn_k.weight"),
+                (&mut lw.wv, "attn_v.weight"),
+                (&mut lw.wo, "attn_output.weight"),
+                (&mut lw.ffn_gate, "ffn_gate.weight"),
+                (&mut lw.ffn_up, "ffn_up.weight"),
+                (&mut lw.ffn_down, "ffn_down.weight"),
+            ] {
+                roles.push((w, format!("blk.{l}.{s}")));
+            }
+        }
+        let mut cands = Vec::with_capacity(roles.len());
+        for (_, name) in &roles {
+            let info = file.gguf().tensor(name).expect("bound above");
+            cands.push(Candidate {
+                ty: info.ggml_type.id(),
+                ne: info.dims.iter().map(|&d| d as i64).collect(),
+                data: file.tensor_data(name)?,
+            });
+        }
+        let (extra, placed) = ExtraWeights::place(&cands)?;
+        for ((w, _), p) in roles.iter_mut().zip(placed) {
+            if let Some(p) = p {
+                **w = W(p);
+            }
+        }
+        drop(roles);
+        if extra.bytes() > 0 {
+            log::info!(
+                "{}: {:.1} MiB of weights repacked for the CPU's matmul kernels",
+                path.display(),
+                extra.bytes() as f64 / (1 << 20) as f64
+            );
+        }
         Ok(Model {
             ctx,
+            extra,
             tok_embd,
             output_norm,
             output,
@@ -160,7 +209,7 @@ impl Model {
 
     /// The tensor behind a weight handle, borrowed from the model.
     pub(crate) fn t(&self, w: W) -> Tensor<'_> {
-        let _ = &self.ctx;
+        let _ = (&self.ctx, &self.extra);
         Tensor::from_raw(w.0.as_ptr()).expect("weight pointers are non-null")
     }
 
