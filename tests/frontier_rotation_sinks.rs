@@ -3,7 +3,7 @@
 //! these knobs are covered by the spec lists of cache_attention.rs and cache_memory.rs.
 
 use half::f16;
-use ottkv::cache::{CacheConfig, CacheError, CacheShape, OttCache, Score};
+use ottkv::cache::{CacheConfig, CacheError, CacheShape, OttCache, Rotation, Score};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
 /// Window-only cache (nothing quantized) with rotation vs exact attention over f16 K/V: the
@@ -86,10 +86,13 @@ fn attend_both(c: &mut OttCache, k: &[f32], v: &[f32], q: &[f32]) -> (Vec<f32>, 
 #[test]
 fn spec_keys_parse_print_and_leave_old_presets_alone() {
     let c: CacheConfig = "ott2:k=3,g=64,rot=1,s=4".parse().unwrap();
-    assert_eq!((c.key_bits, c.group, c.rotate, c.sink), (3, 64, true, 4));
+    assert_eq!(
+        (c.key_bits, c.group, c.rotate, c.sink),
+        (3, 64, Rotation::On, 4)
+    );
     assert_eq!(c.score, Score::L1, "a numeric s is the sink count");
     let d: CacheConfig = "ott2:s=l2,sink=7,rot=0".parse().unwrap();
-    assert_eq!((d.score, d.sink, d.rotate), (Score::L2, 7, false));
+    assert_eq!((d.score, d.sink, d.rotate), (Score::L2, 7, Rotation::Off));
     for cfg in [c, d, CacheConfig::preset("ott3").unwrap()] {
         let back: CacheConfig = cfg.to_string().parse().unwrap();
         assert_eq!(back, cfg, "{cfg}");
@@ -112,7 +115,7 @@ fn spec_keys_parse_print_and_leave_old_presets_alone() {
     let o = CacheConfig::preset("ott3").unwrap();
     assert_eq!(
         (o.key_bits, o.value_bits, o.group, o.rotate, o.sink, o.pool),
-        (3, 2, 128, true, 4, 12)
+        (3, 2, 128, Rotation::On, 4, 12)
     );
     // Rotation blocks: the largest power of two dividing head_dim.
     assert_eq!(o.rotation_block(64), 64);
@@ -227,7 +230,11 @@ fn sinks_stay_exact_and_are_attended() {
         let h = c.head(0, 0).unwrap();
         let s = cfg.sink as usize;
         assert_eq!(h.sink_len(), s);
-        let tol = if cfg.rotate { ROTATED_ROW_ABS } else { 0.0 };
+        let tol = if cfg.rotate != Rotation::Off {
+            ROTATED_ROW_ABS
+        } else {
+            0.0
+        };
         for p in 0..s {
             assert!(h.is_masked(p), "{spec}: sink slot {p} must be masked");
             let round =
