@@ -84,8 +84,8 @@ pub struct CacheConfig {
     pub sink: u32,
     /// Bits of the tokens kept outside quantized groups (window, sinks, pools): 16 = f16 (the
     /// method's full precision), 8 = llama.cpp's q8_0 blocks, [`WINDOW_BITS_AUTO`] = q8_0
-    /// blocks unless a (layer, kv head)'s first group shows they would cost more than
-    /// [`Q8_ROWS_BELOW`] of its key codes' error (then f16). Default 16.
+    /// blocks unless a (layer, kv head)'s first group shows its keys dominated by a few
+    /// channels ([`DOMINANT_BELOW`]; then f16). Default 16.
     pub window_bits: u32,
     /// How values are grouped (default: per token).
     pub value_axis: ValueAxis,
@@ -104,31 +104,27 @@ pub enum Rotation {
     /// per-channel 3-bit keys hold on SmolLM2 and Qwen2.5-Coder-1.5B, and evens out the
     /// per-token value groups.
     On,
-    /// Values always; keys per (layer, kv head), decided at its first flush by quantizing that
-    /// group both ways and keeping the form with the smaller key error (see
-    /// [`ROTATE_KEYS_BELOW`]). Rotation spreads a channel's variation over every channel of its
-    /// block: on heads whose variation sits in a few channels (Qwen2.5-Coder-0.5B's first
-    /// layers) per-channel quantization of the plain keys isolates it, and rotating them costs
-    /// 5–10× the attention error.
+    /// Values always; keys per (layer, kv head), unless its first group shows that a few
+    /// channels dominate its keys (see [`DOMINANT_BELOW`]). Rotation spreads such a channel
+    /// over every channel of its block, where per-channel codes of the plain keys hold it: on
+    /// Qwen2.5-Coder-0.5B's layer 0 rotating cost 5–10× the attention error, while SmolLM2 and
+    /// Qwen2.5-Coder-1.5B lose quality without rotation.
     Auto,
 }
-
-/// `Rotation::Auto` rotates a head's keys when the rotated first group's squared key error is
-/// below this fraction of the plain one's (a small bias to the plain form, which is exact for
-/// the pool's scores and cheaper to attend).
-pub const ROTATE_KEYS_BELOW: f32 = 0.95;
 
 /// `window_bits` value that lets each (layer, kv head) choose q8_0 or f16 rows at its first
 /// flush.
 pub const WINDOW_BITS_AUTO: u32 = 0;
 
-/// Under [`WINDOW_BITS_AUTO`], a head keeps f16 rows when q8_0 rows would give its first
-/// group's keys more than this fraction of the squared error that group's quantized keys get.
-/// q8_0 scales a block of 32 channels by its largest value: on heads with a massive channel
-/// (Qwen2.5-Coder-0.5B layers 0, 1, 2, 4, 8: |k| up to 214) the other channels of the block
-/// lose their precision, and q8_0 rows err as much as 3-bit per-channel codes (ratio 0.06–2.1,
-/// against ≤ 0.015 on every other head); those heads' attention error went 0.15 → 0.47.
-pub const Q8_ROWS_BELOW: f64 = 0.05;
+/// A head's keys count as dominated by a few channels when q8_0 rows of its first group err
+/// more than this fraction of the squared error of that group's per-channel codes; such a head
+/// keeps f16 rows (`wb=auto`) and plain keys (`rot=auto`). q8_0 scales a block of 32 channels
+/// by its largest value: on heads with a massive channel (Qwen2.5-Coder-0.5B layers 0, 1, 2, 4,
+/// 8: |k| up to 214) the other channels of the block lose their precision, and q8_0 rows err as
+/// much as 3-bit per-channel codes (ratio 0.06–2.1, against ≤ 0.015 on every other head of
+/// that model and on every head of SmolLM2); those heads' attention error went 0.15 → 0.47
+/// with q8_0 rows.
+pub const DOMINANT_BELOW: f64 = 0.05;
 
 /// Grouping of value quantization.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -236,12 +232,11 @@ impl CacheConfig {
         }
     }
 
-    /// `ott3a`: 3-bit keys and 2-bit values that adapt to the model, within 3.0 bits per
-    /// element at 8192 tokens. As `ott3c` with the choices it fixed left to each (layer, kv
-    /// head) at its first flush: values always rotated, keys rotated only where that lowers
-    /// the group's key error (`rot=auto`), q8_0 rows unless a massive key channel makes them
-    /// err (`wb=auto`), and 3-bit keys in the untraced layers too (Qwen2.5-Coder-0.5B's layer
-    /// 0 is where its attention error is largest).
+    /// `ott3a`: 3-bit keys and 2-bit values that adapt to the model. As `ott3c` with the
+    /// choices it fixed left to each (layer, kv head) at its first flush: values always
+    /// rotated; keys rotated and rows in q8_0 unless a few channels dominate the head's keys,
+    /// then plain keys and f16 rows (`rot=auto`, `wb=auto`); and 3-bit keys in the untraced
+    /// layers too (Qwen2.5-Coder-0.5B's layer 0 is where its attention error is largest).
     fn ott3a() -> Self {
         Self {
             rotate: Rotation::Auto,

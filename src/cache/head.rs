@@ -1,6 +1,6 @@
 //! Storage and outlier tracing of one (layer, kv-head) (OTT.md §2–§4).
 
-use super::config::{Q8_ROWS_BELOW, ROTATE_KEYS_BELOW};
+use super::config::DOMINANT_BELOW;
 use super::rows::{RowPrecision, Rows};
 use super::{CacheError, MemoryStats, Rotation, Score};
 use crate::format::{words_for, Geometry, OutlierSlot, QParams};
@@ -406,104 +406,86 @@ impl HeadCache {
         Ok(())
     }
 
-    /// Decides whether this head's keys are stored rotated, from the first group `kg`
-    /// (`[G][head_dim]`, caller's space, pool and sink slots already mean-filled): quantize it
-    /// plainly and rotated, keep the rotation when its squared error over the unselected slots
-    /// is below [`ROTATE_KEYS_BELOW`] of the plain one's. Rotating converts every key row the
-    /// head holds (window, sinks, pools) and `kg` itself.
-    fn decide_key_rotation(&mut self, kg: &mut [f32], selected: &[bool]) -> Result<(), CacheError> {
-        self.key_rotation_pending = false;
+    /// Whether a few channels dominate this head's keys, measured on its first group `kg`
+    /// (`[G][head_dim]`, plain keys as the window holds them, the leading `skip` sink slots
+    /// left out): q8_0 rows of these keys err more than [`DOMINANT_BELOW`] of the squared
+    /// error of the group's per-channel codes. q8_0 scales 32 channels by their largest value,
+    /// so it errs where one channel dwarfs the rest of its block; per-channel codes hold such a
+    /// channel (nearly constant, or flipping between a few levels) almost exactly.
+    fn dominated_by_few_channels(&self, kg: &[f32], skip: usize) -> Result<bool, CacheError> {
         let (hd, g, bits) = (self.head_dim(), self.group(), self.geo.key_bits);
-        let err = |x: &[f32]| -> Result<f64, CacheError> {
-            let w = words_for(g as u32, bits) as usize;
-            let mut codes = vec![0u32; hd * w];
-            let mut params = vec![QParams::default(); hd];
-            quantize_key_group(x, g, hd, bits, &mut codes, &mut params)?;
-            let mut back = vec![0f32; g * hd];
-            dequantize_key_group(&codes, &params, g, hd, bits, &mut back)?;
-            Ok(x.chunks(hd)
-                .zip(back.chunks(hd))
-                .zip(selected)
-                .filter(|(_, &s)| !s)
-                .map(|((a, b), _)| {
-                    a.iter()
-                        .zip(b)
-                        .map(|(&a, &b)| f64::from(a - b).powi(2))
-                        .sum::<f64>()
-                })
-                .sum())
+        let skip = skip.min(g);
+        if skip == g {
+            return Ok(false);
+        }
+        let sq = |a: &[f32], b: &[f32]| -> f64 {
+            a.iter()
+                .zip(b)
+                .map(|(&x, &y)| f64::from(x - y).powi(2))
+                .sum()
         };
-        let plain = err(kg)?;
-        let mut rotated = kg.to_vec();
-        hadamard_blocks(&mut rotated, self.rot);
-        let rot_err = err(&rotated)?;
-        if rot_err < f64::from(ROTATE_KEYS_BELOW) * plain {
-            self.keys_rotated = true;
-            kg.copy_from_slice(&rotated);
-            let rot = self.rot;
-            for rows in [
-                &mut self.win_k,
-                &mut self.sink_k,
-                &mut self.pool_k,
-                &mut self.extra_k,
-            ] {
-                rows.map_rows(|r| hadamard_blocks(r, rot));
-            }
-        }
-        Ok(())
-    }
-
-    /// Chooses this head's row precision from the first group's keys `kg` (`[G][head_dim]`,
-    /// stored space, the leading `skip` sink slots left out): q8_0 rows unless their squared
-    /// key error exceeds [`Q8_ROWS_BELOW`] of the group's per-channel codes' (see there). A
-    /// choice of q8_0 converts every row the head holds.
-    fn choose_row_precision(&mut self, kg: &[f32], skip: usize) -> Result<(), CacheError> {
-        self.row_precision_pending = false;
-        let (hd, g, bits) = (self.head_dim(), self.group(), self.geo.key_bits);
+        let x = &kg[skip * hd..]; // [G - skip][head_dim]
         let q8 = RowPrecision::new(8, hd);
-        let x = &kg[skip.min(g) * hd..];
-        let n = x.len() / hd;
-        if n == 0 {
-            return Ok(());
-        }
-        let mut rows = Rows::with_capacity(q8, hd, n);
+        let mut rows = Rows::with_capacity(q8, hd, g - skip);
         x.chunks(hd).for_each(|r| rows.push(r));
         let mut back = vec![0f32; x.len()];
-        rows.to_f32(0, n, &mut back);
-        let q8_err: f64 = x
-            .iter()
-            .zip(&back)
-            .map(|(&a, &b)| f64::from(a - b).powi(2))
-            .sum();
-        let mut padded = kg.to_vec();
-        // The sink slots join the group's range in no case; give them a group value.
-        for t in 0..skip.min(g) {
-            padded.copy_within(skip.min(g - 1) * hd..(skip.min(g - 1) + 1) * hd, t * hd);
+        rows.to_f32(0, g - skip, &mut back);
+        // Sink slots never join a group's range: give them the first other slot's key.
+        let mut group = kg.to_vec();
+        for t in 0..skip {
+            group.copy_within(skip * hd..(skip + 1) * hd, t * hd);
         }
         let w = words_for(g as u32, bits) as usize;
         let mut codes = vec![0u32; hd * w];
         let mut params = vec![QParams::default(); hd];
-        quantize_key_group(&padded, g, hd, bits, &mut codes, &mut params)?;
+        quantize_key_group(&group, g, hd, bits, &mut codes, &mut params)?;
         let mut deq = vec![0f32; g * hd];
         dequantize_key_group(&codes, &params, g, hd, bits, &mut deq)?;
-        let code_err: f64 = padded[skip.min(g) * hd..]
-            .iter()
-            .zip(&deq[skip.min(g) * hd..])
-            .map(|(&a, &b)| f64::from(a - b).powi(2))
-            .sum();
-        if q8_err <= Q8_ROWS_BELOW * code_err {
-            self.rows = q8;
-            for r in [
-                &mut self.win_k,
-                &mut self.win_v,
-                &mut self.sink_k,
-                &mut self.sink_v,
-                &mut self.pool_k,
-                &mut self.pool_v,
-                &mut self.extra_k,
-                &mut self.extra_v,
-            ] {
-                *r = r.converted(q8);
+        Ok(sq(x, &back) > DOMINANT_BELOW * sq(&group[skip * hd..], &deq[skip * hd..]))
+    }
+
+    /// The choices left to this head (`Rotation::Auto`, `wb=auto`), made at its first flush
+    /// from whether a few channels dominate its keys: such a head keeps its keys plain
+    /// (a rotation would spread those channels over every channel of the block) and its rows
+    /// in f16; any other head rotates its keys (which evens out the tokens whose keys stretch a
+    /// channel's range) and stores rows as q8_0. Rows are converted to the chosen form.
+    fn make_first_flush_choices(&mut self) -> Result<(), CacheError> {
+        let (hd, g) = (self.head_dim(), self.group());
+        let mut kg = vec![0f32; g * hd]; // [G][head_dim]
+        self.win_k.to_f32(0, g, &mut kg);
+        let dominated = self.dominated_by_few_channels(&kg, self.sink_cap)?;
+        if self.row_precision_pending {
+            self.row_precision_pending = false;
+            if !dominated {
+                let q8 = RowPrecision::new(8, hd);
+                self.rows = q8;
+                for r in [
+                    &mut self.win_k,
+                    &mut self.win_v,
+                    &mut self.sink_k,
+                    &mut self.sink_v,
+                    &mut self.pool_k,
+                    &mut self.pool_v,
+                    &mut self.extra_k,
+                    &mut self.extra_v,
+                ] {
+                    *r = r.converted(q8);
+                }
+            }
+        }
+        if self.key_rotation_pending {
+            self.key_rotation_pending = false;
+            if !dominated {
+                self.keys_rotated = true;
+                let rot = self.rot;
+                for rows in [
+                    &mut self.win_k,
+                    &mut self.sink_k,
+                    &mut self.pool_k,
+                    &mut self.extra_k,
+                ] {
+                    rows.map_rows(|r| hadamard_blocks(r, rot));
+                }
             }
         }
         Ok(())
@@ -512,10 +494,8 @@ impl HeadCache {
     /// Traces outliers in the oldest G window tokens, then quantizes them as one group.
     fn flush(&mut self) -> Result<(), CacheError> {
         let (hd, g) = (self.head_dim(), self.group());
-        if self.row_precision_pending {
-            let mut kg = vec![0f32; g * hd]; // [G][head_dim]
-            self.win_k.to_f32(0, g, &mut kg);
-            self.choose_row_precision(&kg, self.sink_cap)?;
+        if self.row_precision_pending || self.key_rotation_pending {
+            self.make_first_flush_choices()?;
         }
         let gi = self.n_groups;
         let base = gi * g;
@@ -594,9 +574,6 @@ impl HeadCache {
         }
         fill_with_mean_of_others(&mut kg, &selected, hd);
         fill_with_mean_of_others(&mut vg, &selected, hd);
-        if self.key_rotation_pending {
-            self.decide_key_rotation(&mut kg, &selected)?;
-        }
 
         let (kw, vw, np) = (self.key_words(), self.val_words(), self.val_nparams());
         let (kc0, kp0, vc0, vp0) = (
