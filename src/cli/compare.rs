@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 /// What `compare` runs by default: llama.cpp's own caches (f16 first: the reference), then ours.
 pub const COMPARE_ROWS: &str =
-    "llama:f16,llama:q8_0,llama:q4_0,llama:q2_0,f16,ott2,ott2-p0,ottk4v2,kivi2,ott4,ott3,ott3c";
+    "llama:f16,llama:q8_0,llama:q4_0,llama:q2_0,f16,ott2,ott2-p0,ottk4v2,kivi2,ott4,ott3,ott3c,ott3a,ott4a";
 
 #[derive(clap::Args)]
 pub struct CommonArgs {
