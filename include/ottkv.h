@@ -97,7 +97,9 @@ typedef struct ottkv_cache_config {
                                  callers; the ott3 preset), 0: off, 2: values rotated, keys
                                  per (layer, kv head) as the first flush finds best */
     uint32_t sink;            /* the first `sink` tokens stay exact f16 forever (0: none) */
-    uint32_t window_bits;     /* 16: window, sinks and pools in f16; 8: in q8_0 blocks */
+    uint32_t window_bits;     /* 16: window, sinks and pools in f16; 8: in q8_0 blocks;
+                                 0: q8_0 per (layer, kv head) unless its keys are dominated
+                                 by a few channels (then f16), chosen at its first flush */
     uint32_t value_axis;      /* OTTKV_VALUE_PER_TOKEN (over value_group channels),
                                  OTTKV_VALUE_PER_CHANNEL (over G tokens, as keys) or
                                  OTTKV_VALUE_AUTO (per channel when head_dim < 32) */

@@ -797,7 +797,15 @@ fn last_error_is_per_thread() {
 #[test]
 fn capi_forward_matches_rust_cache() {
     // The C entry point is a thin shell: same numbers as the Rust cache on the same input.
-    let spec = "ott2:g=16,r=8,t=0";
+    for spec in ["ott2:g=16,r=8,t=0", "recommended:g=16,r=8,t=0"] {
+        forward_matches_rust(spec);
+    }
+    // The alias reaches the C spec parser, adaptive fields and all.
+    let c = config("recommended");
+    assert_eq!((c.rotate, c.window_bits, c.key_bits), (2, 0, 3));
+}
+
+fn forward_matches_rust(spec: &str) {
     let h = create(spec, 64);
     let mut rust = ottkv::cache::OttCache::new(
         spec.parse().unwrap(),

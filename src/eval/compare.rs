@@ -15,6 +15,9 @@ use std::time::Instant;
 pub struct RowResult {
     pub engine: Engine,
     pub cache: String,
+    /// Our cache's full settings the name stands for (a preset or alias such as
+    /// `recommended`, written out), so a result stays readable when presets move.
+    pub resolved: Option<String>,
     pub ppl: f64,
     pub ppl_se: f64,
     /// PPL minus the reference row's PPL (absolute).
@@ -149,6 +152,10 @@ pub fn run_rows(
         out.push(RowResult {
             engine: r.engine,
             cache: r.cache.clone(),
+            resolved: match (r.engine, crate::model::KvKind::parse(&r.cache)) {
+                (Engine::Ours, Ok(crate::model::KvKind::Ott(c))) => Some(c.to_string()),
+                _ => None,
+            },
             ppl: m.ppl,
             ppl_se: m.ppl_se,
             dppl: if s.with_reference {
