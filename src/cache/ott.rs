@@ -141,6 +141,7 @@ pub(crate) fn checked_kv<'a>(
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct CacheChoices {
     pub heads: usize,
+    pub n_head_kv: u32,
     /// Heads that decided their key rotation (`rot=auto`), and those that rotate.
     pub key_rotation_decided: usize,
     pub keys_rotated: Vec<(u32, u32)>,
@@ -158,28 +159,39 @@ impl CacheChoices {
 
 impl std::fmt::Display for CacheChoices {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let list = |v: &[(u32, u32)]| {
-            v.iter()
-                .map(|(l, h)| format!("{l}.{h}"))
-                .collect::<Vec<_>>()
-                .join(" ")
+        // Names the smaller side: "keys rotated in 88/90 heads, not in [2.0 19.0]".
+        let part = |what: &str, yes: &[(u32, u32)], decided: usize| {
+            let names = |v: &[(u32, u32)]| {
+                v.iter()
+                    .map(|(l, h)| format!("{l}.{h}"))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            };
+            let n_layer_heads = self.heads;
+            let all: Vec<(u32, u32)> = (0..n_layer_heads as u32)
+                .map(|i| (i / self.n_head_kv, i % self.n_head_kv))
+                .filter(|at| !yes.contains(at))
+                .collect();
+            if yes.len() * 2 > decided && decided == n_layer_heads {
+                format!(
+                    "{what} in {}/{decided} heads, not in [{}]",
+                    yes.len(),
+                    names(&all)
+                )
+            } else {
+                format!("{what} in {}/{decided} heads [{}]", yes.len(), names(yes))
+            }
         };
         let mut parts = Vec::new();
         if self.key_rotation_decided > 0 {
-            parts.push(format!(
-                "keys rotated in {}/{} heads [{}]",
-                self.keys_rotated.len(),
+            parts.push(part(
+                "keys rotated",
+                &self.keys_rotated,
                 self.key_rotation_decided,
-                list(&self.keys_rotated)
             ));
         }
         if self.rows_decided > 0 {
-            parts.push(format!(
-                "f16 rows in {}/{} heads [{}]",
-                self.f16_rows.len(),
-                self.rows_decided,
-                list(&self.f16_rows)
-            ));
+            parts.push(part("f16 rows", &self.f16_rows, self.rows_decided));
         }
         if parts.is_empty() {
             return write!(f, "nothing decided yet");
@@ -350,6 +362,7 @@ impl OttCache {
         let nkv = self.shape.n_head_kv;
         let mut c = CacheChoices {
             heads: self.heads.len(),
+            n_head_kv: nkv as u32,
             ..Default::default()
         };
         for (i, h) in self.heads.iter().enumerate() {
