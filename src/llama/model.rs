@@ -23,15 +23,11 @@ impl LlamaModel {
     /// Loads `path` with llama.cpp (CPU only). `vocab_only` skips the weights: enough to tokenize.
     pub fn load(path: &Path, vocab_only: bool) -> Result<Self> {
         super::backend_init();
-        if !path.is_file() {
-            return Err(Error::Llama(format!(
-                "{}: no such model file",
-                path.display()
-            )));
-        }
-        // Our parser checks the file first: llama.cpp answers some malformed files with an
-        // assertion that aborts the process.
-        crate::gguf::GgufFile::open(path)?;
+        // Our checks run first: llama.cpp answers some malformed files (and ggml some tensor
+        // types) with an assertion that aborts the process.
+        let file = crate::gguf::GgufFile::open(path)?;
+        crate::model::check_model(file.gguf())?;
+        drop(file);
         let cpath = CString::new(path.as_os_str().as_encoded_bytes())
             .map_err(|_| Error::Llama(format!("{}: path contains a NUL byte", path.display())))?;
         // SAFETY: returns a plain struct of defaults.
