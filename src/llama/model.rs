@@ -34,14 +34,18 @@ impl LlamaModel {
         let mut params = unsafe { sys::llama_model_default_params() };
         params.vocab_only = vocab_only;
         params.n_gpu_layers = 0;
+        crate::ggml::log::clear_logged_error();
         // SAFETY: cpath is NUL-terminated and outlives the call; null means llama.cpp refused
-        // the file (it logs why, which our log bridge forwards).
+        // the file (it logs why, which our log bridge keeps).
         let raw = unsafe { sys::llama_model_load_from_file(cpath.as_ptr(), params) };
         let ptr = NonNull::new(raw).ok_or_else(|| {
-            Error::Llama(format!(
-                "llama.cpp could not load {} (RUST_LOG=ggml=debug shows its reason)",
-                path.display()
-            ))
+            Error::Llama(match crate::ggml::log::logged_error() {
+                Some(why) => format!("could not load {}: {why}", path.display()),
+                None => format!(
+                    "could not load {} (RUST_LOG=ggml=debug shows llama.cpp's log)",
+                    path.display()
+                ),
+            })
         })?;
         Ok(Self {
             ptr,

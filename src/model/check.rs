@@ -75,6 +75,8 @@ const UNSUPPORTED_COUNTS: &[(&str, &str)] = &[
         "multi-token-prediction layers are not supported",
     ),
 ];
+/// ggml-backend.cpp's `TENSOR_ALIGNMENT`.
+const TENSOR_ALIGNMENT: u32 = 32;
 /// libllama asserts that the RoPE scaling type is one of these.
 const ROPE_SCALING_TYPES: &[&str] = &["none", "linear", "yarn", "longrope"];
 
@@ -219,6 +221,17 @@ pub fn check_model(g: &Gguf) -> Result<CheckedModel> {
         other => return Err(GgufError::UnsupportedArchitecture(other.to_owned()).into()),
     };
     check_arch_keys(g, &hp.arch)?;
+    // ggml's CPU buffers over the mapping assert that tensor data is 32-byte aligned
+    // (`TENSOR_ALIGNMENT`); gguf itself allows any power of two.
+    if g.alignment() % TENSOR_ALIGNMENT != 0 {
+        return Err(GgufError::BadAlignment {
+            reason: format!(
+                "{} bytes; ggml needs tensor data aligned to a multiple of {TENSOR_ALIGNMENT}",
+                g.alignment()
+            ),
+        }
+        .into());
+    }
     if hp.head_dim_k != hp.head_dim_v || hp.rope_dim != hp.head_dim_k {
         return Err(GgufError::InvalidHparam {
             key: format!("{}.attention.key_length", hp.arch),
