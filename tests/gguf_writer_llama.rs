@@ -94,3 +94,11 @@ fn synthetic_vocab_too_large_is_an_error() {
     s.n_vocab = 100;
     assert!(synthetic_model(&s).is_err());
 }
+
+#[test]
+fn synthetic_bpe_vocab_loads_in_llama_cpp() {
+    let mut s = SyntheticSpec::small(Arch::Qwen2);
+    s.vocab = ottkv::model::synthetic::SyntheticVocab::Bpe;
+    s.n_vocab = 400;
+    check(&s);
+}

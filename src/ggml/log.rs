@@ -2,10 +2,28 @@
 //! instead of writing to stderr unasked.
 
 use super::sys;
+use std::cell::RefCell;
 use std::ffi::{c_char, c_void, CStr};
 use std::sync::Once;
 
 static INSTALL: Once = Once::new();
+
+thread_local! {
+    /// The first error line ggml or llama.cpp logged on this thread since the last
+    /// `clear_logged_error` (they log the reason of a failed load, then a generic line, then
+    /// return only NULL: the first line is the reason).
+    static LOGGED_ERROR: RefCell<Option<String>> = const { RefCell::new(None) };
+}
+
+/// Forgets the logged error of this thread (call before the call whose reason you want).
+pub fn clear_logged_error() {
+    let _ = LOGGED_ERROR.try_with(|e| e.borrow_mut().take());
+}
+
+/// The first error line ggml or llama.cpp logged on this thread since `clear_logged_error`.
+pub fn logged_error() -> Option<String> {
+    LOGGED_ERROR.try_with(|e| e.borrow().clone()).ok().flatten()
+}
 
 /// Installs the callback once per process; later calls are free.
 pub fn install() {
@@ -31,6 +49,11 @@ unsafe extern "C" fn forward(level: sys::ggml_log_level, text: *const c_char, _:
     }
     // One level down: llama.cpp warns about things a user of ours cannot act on (odd special
     // token ids in a file, say), and its errors are restated by ours with their context.
+    if level == sys::GGML_LOG_LEVEL_ERROR {
+        let _ = LOGGED_ERROR.try_with(|e| {
+            e.borrow_mut().get_or_insert_with(|| msg.to_owned());
+        });
+    }
     let lvl = match level {
         sys::GGML_LOG_LEVEL_ERROR => log::Level::Warn,
         sys::GGML_LOG_LEVEL_WARN => log::Level::Info,

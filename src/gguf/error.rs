@@ -18,6 +18,9 @@ pub enum GgufError {
         source: std::io::Error,
     },
 
+    #[error("{}: {what}, not a GGUF file", path.display())]
+    NotAFile { path: PathBuf, what: &'static str },
+
     // ---- file header ----
     #[error("bad magic {found:02x?} at offset 0, expected \"GGUF\" (47 47 55 46)")]
     BadMagic { found: [u8; 4] },
@@ -128,6 +131,9 @@ pub enum GgufError {
         b_end: u64,
     },
 
+    #[error("tensor '{tensor}': {reason}")]
+    BadTensor { tensor: String, reason: String },
+
     // ---- lookups ----
     #[error("tensor '{name}' not found")]
     TensorNotFound { name: String },
@@ -151,6 +157,10 @@ pub enum GgufError {
     UnsupportedArchitecture(String),
     #[error("invalid hyperparameter '{key}': {reason}")]
     InvalidHparam { key: String, reason: String },
+
+    // ---- tokenizer ----
+    #[error("tokenizer metadata '{key}': {reason}")]
+    Vocab { key: String, reason: String },
 
     // ---- writer ----
     #[error("tensor '{tensor}': data is {actual} bytes, shape and type need {expected}")]

@@ -26,6 +26,19 @@ impl GgufFile {
             path: path.clone(),
             source,
         };
+        // Looked at before opening: mapping a directory fails with a baffling ENODEV, and
+        // opening a FIFO blocks until someone writes to it.
+        let kind = std::fs::metadata(&path).map_err(io)?.file_type();
+        if !kind.is_file() {
+            return Err(GgufError::NotAFile {
+                path,
+                what: if kind.is_dir() {
+                    "a directory"
+                } else {
+                    "not a regular file"
+                },
+            });
+        }
         let file = File::open(&path).map_err(io)?;
         // SAFETY: `Mmap::map` is unsafe because the mapping aliases the file:
         // if another process writes to or truncates the file while it is

@@ -38,6 +38,16 @@ pub struct ModelHparams {
     pub tokenizer_pre: Option<String>,
 }
 
+/// llama.cpp's `LLAMA_MAX_LAYERS`: its loader refuses more, and each layer costs us a loop.
+pub const MAX_LAYERS: u32 = 512;
+/// Sane maxima for the other shape counts, far above any released model (the largest have
+/// n_embd 16384, n_ff 53248, 128 heads, head_dim 256); they bound what a hostile header can
+/// make `inspect` and the cache sizing compute before tensor shapes are checked.
+pub const MAX_EMBD: u32 = 1 << 18;
+pub const MAX_FF: u32 = 1 << 20;
+pub const MAX_HEADS: u32 = 1 << 12;
+pub const MAX_HEAD_DIM: u32 = 1 << 14;
+
 const ARCH_KEY: &str = "general.architecture";
 const TOKENS_KEY: &str = "tokenizer.ggml.tokens";
 
@@ -63,6 +73,13 @@ fn scalar_count(g: &Gguf, key: &str, what: &str) -> Result<Option<u32>> {
 fn positive(key: &str, v: u32) -> Result<u32> {
     if v == 0 {
         return Err(invalid(key, "must be > 0, got 0".into()));
+    }
+    Ok(v)
+}
+
+fn at_most(key: &str, v: u32, max: u32) -> Result<u32> {
+    if v > max {
+        return Err(invalid(key, format!("{v} is above the limit {max}")));
     }
     Ok(v)
 }
@@ -103,10 +120,18 @@ impl ModelHparams {
         let k = |suffix: &str| format!("{arch}.{suffix}");
 
         let k_layer = k("block_count");
-        let n_layer = required(&k_layer, g.get_u32_opt(&k_layer)?)?;
+        let n_layer = at_most(
+            &k_layer,
+            required(&k_layer, g.get_u32_opt(&k_layer)?)?,
+            MAX_LAYERS,
+        )?;
 
         let k_head = k("attention.head_count");
-        let n_head = required(&k_head, scalar_count(g, &k_head, "head counts")?)?;
+        let n_head = at_most(
+            &k_head,
+            required(&k_head, scalar_count(g, &k_head, "head counts")?)?,
+            MAX_HEADS,
+        )?;
         let k_head_kv = k("attention.head_count_kv");
         let n_head_kv = positive(
             &k_head_kv,
@@ -120,20 +145,30 @@ impl ModelHparams {
         }
 
         let k_embd = k("embedding_length");
-        let n_embd = required(&k_embd, g.get_u32_opt(&k_embd)?)?;
+        let n_embd = at_most(
+            &k_embd,
+            required(&k_embd, g.get_u32_opt(&k_embd)?)?,
+            MAX_EMBD,
+        )?;
         let k_ff = k("feed_forward_length");
-        let n_ff = required(&k_ff, scalar_count(g, &k_ff, "feed-forward lengths")?)?;
+        let n_ff = at_most(
+            &k_ff,
+            required(&k_ff, scalar_count(g, &k_ff, "feed-forward lengths")?)?,
+            MAX_FF,
+        )?;
 
         let k_dim_k = k("attention.key_length");
         let head_dim_k = match g.get_u32_opt(&k_dim_k)? {
             Some(v) => positive(&k_dim_k, v)?,
             None => default_head_dim(&k_embd, n_embd, n_head)?,
         };
+        at_most(&k_dim_k, head_dim_k, MAX_HEAD_DIM)?;
         let k_dim_v = k("attention.value_length");
         let head_dim_v = match g.get_u32_opt(&k_dim_v)? {
             Some(v) => positive(&k_dim_v, v)?,
             None => default_head_dim(&k_embd, n_embd, n_head)?,
         };
+        at_most(&k_dim_v, head_dim_v, MAX_HEAD_DIM)?;
 
         let k_ctx = k("context_length");
         let n_ctx_train = required(&k_ctx, g.get_u32_opt(&k_ctx)?)?;

@@ -13,6 +13,7 @@ use std::io::{BufWriter, Write};
 use std::path::Path;
 
 use super::error::{GgufError, Result};
+use super::header::Gguf;
 use super::parse::{
     align_up, check_alignment, element_count, ALIGNMENT_KEY, DEFAULT_ALIGNMENT, MAGIC,
     MAX_ARRAY_DEPTH, MAX_ARRAY_LEN, MAX_DIMS, MAX_KV, MAX_STRING_LEN, MAX_TENSORS,
@@ -124,6 +125,128 @@ impl GgufWriter {
         }
         self.push_kv(key, value);
         Ok(())
+    }
+
+    /// Replaces the value of `key` in place (keeping its position in the file), or adds it.
+    pub fn set_kv(&mut self, key: impl Into<String>, value: impl Into<Value>) -> Result<()> {
+        let key = key.into();
+        let Some(&i) = self.key_index.get(&key) else {
+            return self.add_kv(key, value);
+        };
+        let value = value.into();
+        check_value(&value).map_err(|reason| GgufError::InvalidValue {
+            key: key.clone(),
+            reason,
+        })?;
+        if key == ALIGNMENT_KEY {
+            match value {
+                Value::U32(a) => self.alignment = check_alignment(a)?,
+                ref other => {
+                    return Err(GgufError::BadAlignment {
+                        reason: format!(
+                            "'{ALIGNMENT_KEY}' has type {}, must be u32",
+                            other.value_type()
+                        ),
+                    })
+                }
+            }
+        }
+        if let Some(slot) = self.kvs.get_mut(i) {
+            slot.1 = value;
+        }
+        Ok(())
+    }
+
+    /// Removes `key`; whether it was there. Removing `general.alignment` restores the default.
+    pub fn remove_kv(&mut self, key: &str) -> bool {
+        let Some(i) = self.key_index.remove(key) else {
+            return false;
+        };
+        self.kvs.remove(i);
+        for (k, v) in self.key_index.iter_mut() {
+            if *v > i {
+                *v -= 1;
+            }
+            debug_assert!(self.kvs[*v].0 == *k);
+        }
+        if key == ALIGNMENT_KEY {
+            self.alignment = DEFAULT_ALIGNMENT;
+        }
+        true
+    }
+
+    /// The value of `key`, if added.
+    pub fn kv(&self, key: &str) -> Option<&Value> {
+        self.key_index
+            .get(key)
+            .and_then(|&i| self.kvs.get(i))
+            .map(|(_, v)| v)
+    }
+
+    /// Names of the tensors, in file order.
+    pub fn tensor_names(&self) -> impl Iterator<Item = &str> + '_ {
+        self.tensors.iter().map(|t| t.name.as_str())
+    }
+
+    /// Replaces a tensor's shape, type and data, keeping its name and position; the same
+    /// checks as [`Self::add_tensor`].
+    pub fn replace_tensor(
+        &mut self,
+        name: &str,
+        dims: &[u64],
+        ggml_type: GgmlType,
+        data: impl Into<Vec<u8>>,
+    ) -> Result<()> {
+        let i = *self
+            .tensor_index
+            .get(name)
+            .ok_or_else(|| GgufError::TensorNotFound {
+                name: name.to_owned(),
+            })?;
+        // Validate through add_tensor on an empty writer so the rules live in one place.
+        let mut probe = GgufWriter::new();
+        probe.add_tensor(name, dims, ggml_type, data)?;
+        let t = probe
+            .tensors
+            .pop()
+            .ok_or_else(|| GgufError::TensorNotFound {
+                name: name.to_owned(),
+            })?;
+        self.tensors[i] = t;
+        Ok(())
+    }
+
+    /// Removes a tensor; whether it was there.
+    pub fn remove_tensor(&mut self, name: &str) -> bool {
+        let Some(i) = self.tensor_index.remove(name) else {
+            return false;
+        };
+        self.tensors.remove(i);
+        for v in self.tensor_index.values_mut() {
+            if *v > i {
+                *v -= 1;
+            }
+        }
+        true
+    }
+
+    /// A writer holding everything `g` (parsed from `bytes`) holds: version, alignment,
+    /// metadata in order and tensors with their data, laid out anew in gguf.cpp's packing.
+    pub fn from_gguf(g: &Gguf, bytes: &[u8]) -> Result<GgufWriter> {
+        let mut w = GgufWriter::new();
+        w.set_version(g.version())?;
+        for (k, v) in g.metadata() {
+            w.add_kv(k, v.clone())?;
+        }
+        for t in g.tensors() {
+            w.add_tensor(
+                &t.name,
+                &t.dims,
+                t.ggml_type,
+                g.tensor_data(bytes, &t.name)?,
+            )?;
+        }
+        Ok(w)
     }
 
     fn push_kv(&mut self, key: String, value: Value) {

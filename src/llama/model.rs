@@ -23,29 +23,29 @@ impl LlamaModel {
     /// Loads `path` with llama.cpp (CPU only). `vocab_only` skips the weights: enough to tokenize.
     pub fn load(path: &Path, vocab_only: bool) -> Result<Self> {
         super::backend_init();
-        if !path.is_file() {
-            return Err(Error::Llama(format!(
-                "{}: no such model file",
-                path.display()
-            )));
-        }
-        // Our parser checks the file first: llama.cpp answers some malformed files with an
-        // assertion that aborts the process.
-        crate::gguf::GgufFile::open(path)?;
+        // Our checks run first: llama.cpp answers some malformed files (and ggml some tensor
+        // types) with an assertion that aborts the process.
+        let file = crate::gguf::GgufFile::open(path)?;
+        crate::model::check_model(file.gguf())?;
+        drop(file);
         let cpath = CString::new(path.as_os_str().as_encoded_bytes())
             .map_err(|_| Error::Llama(format!("{}: path contains a NUL byte", path.display())))?;
         // SAFETY: returns a plain struct of defaults.
         let mut params = unsafe { sys::llama_model_default_params() };
         params.vocab_only = vocab_only;
         params.n_gpu_layers = 0;
+        crate::ggml::log::clear_logged_error();
         // SAFETY: cpath is NUL-terminated and outlives the call; null means llama.cpp refused
-        // the file (it logs why, which our log bridge forwards).
+        // the file (it logs why, which our log bridge keeps).
         let raw = unsafe { sys::llama_model_load_from_file(cpath.as_ptr(), params) };
         let ptr = NonNull::new(raw).ok_or_else(|| {
-            Error::Llama(format!(
-                "llama.cpp could not load {} (RUST_LOG=ggml=debug shows its reason)",
-                path.display()
-            ))
+            Error::Llama(match crate::ggml::log::logged_error() {
+                Some(why) => format!("could not load {}: {why}", path.display()),
+                None => format!(
+                    "could not load {} (RUST_LOG=ggml=debug shows llama.cpp's log)",
+                    path.display()
+                ),
+            })
         })?;
         Ok(Self {
             ptr,

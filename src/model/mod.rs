@@ -1,12 +1,14 @@
 //! Models on ggml: weights bound over the GGUF mapping, a forward graph per (sub-)batch with a
 //! pluggable KV cache, and random-weight models for tests.
 
+pub mod check;
 pub mod kv;
 pub mod sample;
 pub mod session;
 pub mod synthetic;
 pub mod weights;
 
+pub use check::{check_model, CheckedModel};
 pub use kv::KvKind;
 pub use session::{Logits, Session, SessionParams};
 pub use weights::{Arch, Model};

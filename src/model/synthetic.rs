@@ -52,6 +52,17 @@ pub struct SyntheticSpec {
     /// Multiplies the `attn_q` weights: sharper attention, so that key errors show in the
     /// logits (random weights otherwise attend almost uniformly and hide any cache's error).
     pub q_gain: f32,
+    /// The tokenizer written into the file.
+    pub vocab: SyntheticVocab,
+}
+
+/// Tokenizers a synthetic model can carry (the two libllama runs for llama and qwen2).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SyntheticVocab {
+    /// `llama`: SentencePiece pieces with the 256 byte-fallback tokens.
+    Spm,
+    /// `gpt2`: byte-level BPE (GPT-2's byte-to-unicode alphabet, then merges).
+    Bpe,
 }
 
 impl SyntheticSpec {
@@ -75,6 +86,7 @@ impl SyntheticSpec {
             outlier_scale: 1.0,
             outlier_bias: 0.0,
             q_gain: 1.0,
+            vocab: SyntheticVocab::Spm,
         }
     }
 }
@@ -166,7 +178,10 @@ pub fn synthetic_model(spec: &SyntheticSpec) -> Result<GgufWriter> {
         &format!("{arch}.rope.dimension_count"),
         Value::U32(s.head_dim),
     )?;
-    add_spm_vocab(&mut w, s.n_vocab)?;
+    match s.vocab {
+        SyntheticVocab::Spm => add_spm_vocab(&mut w, s.n_vocab)?,
+        SyntheticVocab::Bpe => add_bpe_vocab(&mut w, s.n_vocab)?,
+    }
 
     let mut rng = Rng(s.seed);
     let (e, hd) = (s.n_embd as u64, s.head_dim as u64);
@@ -416,5 +431,77 @@ fn add_spm_vocab(w: &mut GgufWriter, n_vocab: u32) -> Result<()> {
     w.add_kv("tokenizer.ggml.eos_token_id", Value::U32(2))?;
     w.add_kv("tokenizer.ggml.unknown_token_id", Value::U32(0))?;
     w.add_kv("tokenizer.ggml.add_bos_token", Value::Bool(true))?;
+    Ok(())
+}
+
+/// GPT-2's `bytes_to_unicode`: printable bytes stand for themselves, the others are shifted
+/// to code points from U+0100 on, so every byte is one visible character.
+fn byte_to_unicode() -> [char; 256] {
+    let mut out = ['\0'; 256];
+    let printable = |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || b >= 174;
+    let mut next = 256u32;
+    for b in 0..256u32 {
+        let c = if printable(b) {
+            b
+        } else {
+            next += 1;
+            next - 1
+        };
+        out[b as usize] = char::from_u32(c).unwrap_or('?');
+    }
+    out
+}
+
+/// A byte-level BPE ("gpt2") vocabulary: the 256 byte characters, then merged pairs (a space
+/// with a letter, letter pairs), then `<|endoftext|>` as BOS/EOS, so any text tokenizes.
+fn add_bpe_vocab(w: &mut GgufWriter, n_vocab: u32) -> Result<()> {
+    let bytes = byte_to_unicode();
+    let mut tokens: Vec<String> = bytes.iter().map(|c| c.to_string()).collect();
+    let mut types: Vec<i32> = vec![1; tokens.len()];
+    let space = bytes[b' ' as usize];
+    let letters: Vec<char> = ('a'..='z').chain('A'..='Z').collect();
+    let pairs = letters
+        .iter()
+        .map(|&c| (space.to_string(), c.to_string()))
+        .chain(
+            letters
+                .iter()
+                .flat_map(|&a| ('a'..='z').map(move |b| (a.to_string(), b.to_string()))),
+        );
+    let mut merges = Vec::new();
+    for (a, b) in pairs {
+        if tokens.len() + 1 >= n_vocab as usize {
+            break;
+        }
+        tokens.push(format!("{a}{b}"));
+        types.push(1);
+        merges.push(format!("{a} {b}"));
+    }
+    tokens.push("<|endoftext|>".into());
+    types.push(3);
+    if tokens.len() != n_vocab as usize {
+        return Err(Error::InvalidArgument(format!(
+            "synthetic BPE vocab must hold 257..={} tokens, asked for {n_vocab}",
+            tokens.len().max(257)
+        )));
+    }
+    let eot = (tokens.len() - 1) as u32;
+    w.add_kv("tokenizer.ggml.model", Value::String("gpt2".into()))?;
+    w.add_kv("tokenizer.ggml.pre", Value::String("default".into()))?;
+    w.add_kv(
+        "tokenizer.ggml.tokens",
+        Value::Array(crate::gguf::Array::String(tokens)),
+    )?;
+    w.add_kv(
+        "tokenizer.ggml.token_type",
+        Value::Array(crate::gguf::Array::I32(types)),
+    )?;
+    w.add_kv(
+        "tokenizer.ggml.merges",
+        Value::Array(crate::gguf::Array::String(merges)),
+    )?;
+    w.add_kv("tokenizer.ggml.bos_token_id", Value::U32(eot))?;
+    w.add_kv("tokenizer.ggml.eos_token_id", Value::U32(eot))?;
+    w.add_kv("tokenizer.ggml.add_bos_token", Value::Bool(false))?;
     Ok(())
 }

@@ -1,10 +1,12 @@
 //! A GGUF model's weights as ggml tensors that point into the memory map (nothing is copied or
 //! read ahead: pages come in as the matmuls touch them).
 
+use super::check::{check_model, slots};
 use crate::error::{Error, Result};
 use crate::ggml::repack::{Candidate, ExtraWeights};
 use crate::ggml::{sys, Context, Tensor};
 use crate::gguf::{GgufFile, ModelHparams};
+use std::collections::HashMap;
 use std::path::Path;
 use std::ptr::NonNull;
 
@@ -57,102 +59,64 @@ unsafe impl Send for Model {}
 unsafe impl Sync for Model {}
 
 impl Model {
-    /// Maps `path`, checks its architecture and every tensor's presence, type and shape, and
-    /// binds the weights as ggml tensors over the mapping.
+    /// Maps `path`, checks everything [`check_model`] checks (hyperparameters, vocabulary,
+    /// every tensor's presence, shape and type) and binds the weights as ggml tensors over
+    /// the mapping.
     pub fn load(path: &Path) -> Result<Self> {
         let file = GgufFile::open(path)?;
-        let hp = ModelHparams::from_gguf(file.gguf())?;
-        let arch = match hp.arch.as_str() {
-            "llama" => Arch::Llama,
-            "qwen2" => Arch::Qwen2,
-            other => {
-                return Err(Error::InvalidArgument(format!(
-                    "{}: architecture {other:?} is not supported (llama, qwen2)",
-                    path.display()
-                )))
-            }
-        };
-        if hp.head_dim_k != hp.head_dim_v || hp.rope_dim != hp.head_dim_k {
-            return Err(Error::InvalidArgument(format!(
-                "{}: head_dim_k {} / head_dim_v {} / rope_dim {} must be equal",
-                path.display(),
-                hp.head_dim_k,
-                hp.head_dim_v,
-                hp.rope_dim
-            )));
-        }
-        let n_tensors = file.gguf().tensors().len();
-        let ctx = Context::new(Context::overhead(n_tensors + 8, 0), true)?;
-        let (e, hd) = (hp.n_embd as u64, hp.head_dim_k as u64);
-        let (q_dim, kv_dim) = (hp.n_head as u64 * hd, hp.n_head_kv as u64 * hd);
-        let (ff, vocab) = (hp.n_ff as u64, hp.vocab_size as u64);
-        let bind = |name: &str, dims: &[u64], required: bool| -> Result<Option<W>> {
-            let Some(info) = file.gguf().tensor(name) else {
-                return if required {
-                    Err(Error::InvalidArgument(format!(
-                        "{}: missing tensor {name}",
-                        path.display()
-                    )))
-                } else {
-                    Ok(None)
-                };
+        let checked = check_model(file.gguf())?;
+        let (arch, hp) = (checked.arch, checked.hparams);
+        let slots = slots(arch, &hp);
+        let ctx = Context::new(Context::overhead(slots.len() + 8, 0), true)?;
+        // The bound tensor of every slot present in the file, by name.
+        let mut bound: HashMap<&str, W> = HashMap::with_capacity(slots.len());
+        for s in &slots {
+            let Some(info) = file.gguf().tensor(&s.name) else {
+                continue;
             };
-            if info.dims != dims {
-                return Err(Error::InvalidArgument(format!(
-                    "{}: tensor {name} has shape {:?}, expected {dims:?}",
-                    path.display(),
-                    info.dims
-                )));
-            }
-            let ty = info.ggml_type.id();
-            // SAFETY: ty is a valid ggml type id (the parser only accepts known ones).
-            let cpu = unsafe { &*sys::ggml_get_type_traits_cpu(ty) };
-            if dims.len() > 1 && cpu.vec_dot.is_none() && ty != sys::GGML_TYPE_F32 {
-                return Err(Error::InvalidArgument(format!(
-                    "{}: tensor {name} has type {}, which ggml's CPU backend cannot multiply",
-                    path.display(),
-                    info.ggml_type.name()
-                )));
-            }
-            let ne: Vec<i64> = dims.iter().map(|&d| d as i64).collect();
-            let t = ctx.new_tensor(ty, &ne)?;
+            let ne: Vec<i64> = info.dims.iter().map(|&d| d as i64).collect();
+            let t = ctx.new_tensor(info.ggml_type.id(), &ne)?;
             // SAFETY: the data slice is exactly the tensor's bytes (the parser checked sizes),
             // lives in `file`'s mapping which outlives `ctx` (field order), and ggml only
             // reads weights.
-            unsafe { t.bind_external(file.tensor_data(name)?)? };
-            Ok(Some(W(
-                NonNull::new(t.as_ptr()).expect("tensor pointer is non-null")
-            )))
+            unsafe { t.bind_external(file.tensor_data(&s.name)?)? };
+            let w = NonNull::new(t.as_ptr())
+                .ok_or_else(|| Error::Ggml(format!("ggml returned no tensor for {}", s.name)))?;
+            bound.insert(s.name.as_str(), W(w));
+        }
+        // check_model proved every required slot present, so these lookups succeed.
+        let get = |name: &str| -> Result<W> {
+            bound.get(name).copied().ok_or_else(|| {
+                Error::Gguf(crate::gguf::GgufError::TensorNotFound {
+                    name: name.to_owned(),
+                })
+            })
         };
-        let req = |name: &str, dims: &[u64]| -> Result<W> {
-            Ok(bind(name, dims, true)?.expect("required"))
-        };
-        let tok_embd = req("token_embd.weight", &[e, vocab])?;
-        let output_norm = req("output_norm.weight", &[e])?;
-        let output_name = if file.gguf().tensor("output.weight").is_some() {
+        let opt = |name: &str| bound.get(name).copied();
+        let tok_embd = get("token_embd.weight")?;
+        let output_norm = get("output_norm.weight")?;
+        let output_name = if opt("output.weight").is_some() {
             "output.weight"
         } else {
             "token_embd.weight"
         };
-        let mut output = bind("output.weight", &[e, vocab], false)?.unwrap_or(tok_embd);
-        let qwen = arch == Arch::Qwen2;
+        let mut output = opt("output.weight").unwrap_or(tok_embd);
         let mut layers = Vec::with_capacity(hp.n_layer as usize);
         for l in 0..hp.n_layer {
             let n = |s: &str| format!("blk.{l}.{s}");
-            let bias = |s: &str, d: u64| -> Result<Option<W>> { bind(&n(s), &[d], qwen) };
             layers.push(LayerWeights {
-                attn_norm: req(&n("attn_norm.weight"), &[e])?,
-                wq: req(&n("attn_q.weight"), &[e, q_dim])?,
-                wk: req(&n("attn_k.weight"), &[e, kv_dim])?,
-                wv: req(&n("attn_v.weight"), &[e, kv_dim])?,
-                bq: bias("attn_q.bias", q_dim)?,
-                bk: bias("attn_k.bias", kv_dim)?,
-                bv: bias("attn_v.bias", kv_dim)?,
-                wo: req(&n("attn_output.weight"), &[q_dim, e])?,
-                ffn_norm: req(&n("ffn_norm.weight"), &[e])?,
-                ffn_gate: req(&n("ffn_gate.weight"), &[e, ff])?,
-                ffn_up: req(&n("ffn_up.weight"), &[e, ff])?,
-                ffn_down: req(&n("ffn_down.weight"), &[ff, e])?,
+                attn_norm: get(&n("attn_norm.weight"))?,
+                wq: get(&n("attn_q.weight"))?,
+                wk: get(&n("attn_k.weight"))?,
+                wv: get(&n("attn_v.weight"))?,
+                bq: opt(&n("attn_q.bias")),
+                bk: opt(&n("attn_k.bias")),
+                bv: opt(&n("attn_v.bias")),
+                wo: get(&n("attn_output.weight"))?,
+                ffn_norm: get(&n("ffn_norm.weight"))?,
+                ffn_gate: get(&n("ffn_gate.weight"))?,
+                ffn_up: get(&n("ffn_up.weight"))?,
+                ffn_down: get(&n("ffn_down.weight"))?,
             });
         }
         // Every matmul weight goes where llama.cpp would put it (a tied output gets its own
