@@ -802,7 +802,7 @@ fn capi_forward_matches_rust_cache() {
     }
     // The alias reaches the C spec parser, adaptive fields and all.
     let c = config("recommended");
-    assert_eq!((c.rotate, c.window_bits, c.key_bits), (2, 0, 3));
+    assert_eq!((c.rotate, c.window_bits, c.key_bits), (2, 0, 4));
 }
 
 fn forward_matches_rust(spec: &str) {
