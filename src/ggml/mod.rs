@@ -9,7 +9,7 @@ pub mod ops;
 pub mod quantize;
 pub mod sys;
 
-pub use context::{Context, Graph, GraphAllocator, Tensor, GRAPH_NODES};
+pub use context::{max_threads, Context, Graph, GraphAllocator, Tensor, GRAPH_NODES};
 pub use custom::CustomOp;
 pub use ops::{RopeMode, RopeParams};
 
