@@ -20,7 +20,9 @@
  * - Handles (ottkv_cache *) are opaque tokens, not pointers to memory: never dereference one.
  *   A handle that was freed (or never created) is rejected with OTTKV_ERR_HANDLE; tokens are
  *   never reused within a process, so use-after-free and double free are errors, not crashes.
- * - No function aborts or unwinds into C: internal failures return OTTKV_ERR_INTERNAL.
+ * - No function aborts or unwinds into C: internal failures return OTTKV_ERR_INTERNAL, and
+ *   memory that cannot be had returns OTTKV_ERR_ALLOC (sizes are checked against the
+ *   machine's memory and allocations made fallibly before anything changes).
  *
  * Threads
  * - Every function may be called from any thread.
@@ -58,7 +60,8 @@ typedef enum ottkv_status {
     OTTKV_ERR_RANGE = 8,            /* layer or row index out of range */
     OTTKV_ERR_NON_FINITE = 9,       /* a K/V value that is NaN/inf or overflows f16 */
     OTTKV_ERR_SUBBATCH = 10,        /* attend over tokens that straddle a flush: see _plan */
-    OTTKV_ERR_VERSION = 11          /* the ggml in the process is not OTTKV_GGML_VERSION */
+    OTTKV_ERR_VERSION = 11,         /* the ggml in the process is not OTTKV_GGML_VERSION */
+    OTTKV_ERR_ALLOC = 12            /* the memory a call needs is not there (nothing changed) */
 } ottkv_status;
 
 /* Outlier score: smallest score wins a pool slot (OTT.md). */
@@ -177,7 +180,9 @@ ottkv_status ottkv_cache_config_from_spec(const char *spec, ottkv_cache_config *
 
 /*
  * Creates an empty cache. The config (and its overrides array) is copied: it may be freed
- * afterwards. Window and pools are allocated now; quantized storage grows per flush.
+ * afterwards. Window and pools are allocated now; quantized storage grows per flush (reserved
+ * by each append before it changes anything). OTTKV_ERR_ALLOC when what is allocated now
+ * exceeds the machine's memory or cannot be had.
  */
 ottkv_status ottkv_cache_create(const ottkv_cache_config *config, const ottkv_cache_shape *shape,
                                 ottkv_cache **out);
@@ -211,7 +216,8 @@ ottkv_status ottkv_cache_memory(ottkv_cache *cache, ottkv_memory_stats *out);
  * splitting the batch at the cache's flush points itself, so the result equals feeding the
  * tokens one at a time (to float rounding; in practice bit-identical). Everything is checked
  * before the cache changes: on error nothing was appended. n_threads: threads used for the
- * attention (0 = one per available CPU); they are started and joined inside the call.
+ * attention (0 = one per available CPU; at most one per available CPU); they are started and
+ * joined inside the call.
  */
 ottkv_status ottkv_cache_forward(ottkv_cache *cache, uint32_t layer, size_t n_tokens,
                                  uint32_t n_head, float scale, const float *q, size_t q_len,
@@ -224,7 +230,8 @@ ottkv_status ottkv_cache_forward(ottkv_cache *cache, uint32_t layer, size_t n_to
  * Writes the first token index of each sub-batch to starts[] (sub-batch i is
  * [starts[i], starts[i+1]), the last one ends at n_tokens) and their number to *n_sub
  * (0 when n_tokens is 0). OTTKV_ERR_OVERFLOW (with *n_sub set) when cap is too small;
- * cap = n_tokens / group + 2 always suffices.
+ * cap = n_tokens / group + 2 always suffices. OTTKV_ERR_OVERFLOW (*n_sub untouched) when
+ * n_tokens exceeds the room left in the layer (max_tokens minus its length).
  */
 ottkv_status ottkv_cache_plan(ottkv_cache *cache, uint32_t layer, size_t n_tokens, size_t *starts,
                               size_t cap, size_t *n_sub);

@@ -293,3 +293,178 @@ fn forward_rejects_bad_calls_without_panicking() {
     c.reset();
     assert_eq!(c.len(), 0);
 }
+
+#[test]
+fn duplicate_and_empty_fields_are_refused() {
+    let field_of = |spec: &str| match spec.parse::<CacheConfig>() {
+        Err(CacheError::Parse { field, reason, .. }) => (field, reason),
+        other => panic!("{spec}: expected a parse error, got {other:?}"),
+    };
+    let (f, r) = field_of("ott2:k=3,k=4");
+    assert_eq!(f, "k");
+    assert!(r.contains("twice"), "{r}");
+    // `s=<number>` is the sink count, so it collides with `sink`, not with the score `s=l2`.
+    assert!(field_of("ott2:s=4,sink=2")
+        .1
+        .contains("s and sink both set sink"));
+    "ott2:s=l2,sink=2".parse::<CacheConfig>().unwrap();
+    assert_eq!(field_of("ott2:").0, "fields");
+    assert_eq!(field_of("ott2: ").0, "fields");
+    assert!(field_of("ott2:k=3,,v=2").1.contains("empty field"));
+    assert!(field_of("ott2:k=3,").1.contains("empty field"));
+    // The same layer twice for one per-layer field, directly or through a range.
+    assert!(field_of("ott2:p@1=2,p@1=3")
+        .1
+        .contains("layer 1 given twice"));
+    assert!(field_of("ott2:p@1=2,p@0-3=4")
+        .1
+        .contains("layer 1 given twice"));
+    // Different fields of one layer, and disjoint ranges, are fine.
+    let c: CacheConfig = "ott2:p@1=2,e@1=4,k@0-4=3,p@2-3=5".parse().unwrap();
+    assert_eq!(c.overrides.len(), 5);
+    assert_eq!(c.pools_for(1), (2, 4));
+    assert_eq!(c.bits_for(4), (3, 2));
+    // What Display writes parses back to the same config.
+    assert_eq!(c.to_string().parse::<CacheConfig>().unwrap(), c);
+}
+
+#[test]
+fn long_specs_parse_in_near_linear_time_or_are_refused() {
+    // 60000 per-layer fields: a quadratic merge (a search and a sort per field) takes minutes
+    // here; the sorted map takes milliseconds. The bound leaves room for a loaded machine.
+    let spec = format!(
+        "ott2:{}",
+        (0..60_000)
+            .map(|i| format!("p@{i}=2"))
+            .collect::<Vec<_>>()
+            .join(",")
+    );
+    let t0 = std::time::Instant::now();
+    let c: CacheConfig = spec.parse().unwrap();
+    let secs = t0.elapsed().as_secs_f64();
+    assert_eq!(c.overrides.len(), 60_000);
+    assert!(secs < 10.0, "60000 fields took {secs:.1} s");
+    // Past the cap (a bound on what parsing can cost) the spec is refused, naming the field.
+    let spec = format!(
+        "ott2:{}",
+        (0..100_000)
+            .map(|i| format!("p@{i}=2"))
+            .collect::<Vec<_>>()
+            .join(",")
+    );
+    match spec.parse::<CacheConfig>() {
+        Err(CacheError::Parse { field, reason, .. }) => {
+            assert_eq!(
+                field,
+                format!("p@{}", ottkv::cache::config::MAX_LAYER_SETTINGS)
+            );
+            assert!(reason.contains("per-layer settings"), "{reason}");
+        }
+        other => panic!("expected a parse error, got {other:?}"),
+    }
+    // Ranges count every layer they name.
+    let spec = format!(
+        "ott2:{}",
+        (0..17)
+            .map(|i| format!("p@{}-{}=2", i * 4096, i * 4096 + 4095))
+            .collect::<Vec<_>>()
+            .join(",")
+    );
+    assert!(spec.parse::<CacheConfig>().is_err());
+}
+
+/// The old per-token walk of the plan, kept as the reference of the closed form.
+fn plan_ref(window_len: usize, residual: usize, group: usize, n: usize) -> Vec<Range<usize>> {
+    let trigger = residual + group;
+    let (mut wl, mut out, mut start) = (window_len, Vec::new(), 0);
+    for j in 0..n {
+        wl += 1;
+        if wl == trigger {
+            if j > start {
+                out.push(start..j);
+                start = j;
+            }
+            wl = residual;
+        }
+    }
+    if n > start {
+        out.push(start..n);
+    }
+    out
+}
+
+#[test]
+fn plan_closed_form_matches_the_per_token_walk() {
+    for (g, r) in [(16u32, 0u32), (16, 16), (32, 8), (16, 40)] {
+        let config: CacheConfig = format!("ott2:g={g},r={r}").parse().unwrap();
+        let mut cache = OttCache::new(config, shape(16)).unwrap();
+        let kv = vec![0.5f32; 2 * 16];
+        // Every window length a layer can have, then every batch size up to the room left.
+        for filled in 0..(g + r) as usize + 3 {
+            let wl = cache.head(0, 0).unwrap().window_len();
+            let room = 64 - cache.layer_len(0).unwrap();
+            for n in 0..=room {
+                let got = cache.plan_subbatches(0, n).unwrap();
+                assert_eq!(
+                    got,
+                    plan_ref(wl, r as usize, g as usize, n),
+                    "g {g} r {r} filled {filled} n {n}"
+                );
+                assert_eq!(cache.subbatch_starts(0, n).unwrap().len(), got.len());
+            }
+            if room == 0 {
+                break;
+            }
+            cache.append(0, &kv, &kv, 1).unwrap();
+        }
+    }
+}
+
+#[test]
+fn plan_past_the_room_left_is_an_overflow_at_once() {
+    let cache = OttCache::new(CacheConfig::default(), shape(16)).unwrap();
+    // A walk over usize::MAX tokens would never end; the room check answers at once.
+    for n in [65, usize::MAX / 2, usize::MAX] {
+        assert!(matches!(
+            cache.plan_subbatches(0, n),
+            Err(CacheError::Overflow { n: got, max_tokens: 64, .. }) if got == n
+        ));
+    }
+    assert_eq!(cache.plan_subbatches(0, 64).unwrap().len(), 1);
+}
+
+#[test]
+fn shapes_beyond_memory_are_alloc_errors() {
+    // 2^32 heads: the windows alone would take terabytes.
+    let huge = CacheShape {
+        n_layer: 65536,
+        n_head_kv: 65536,
+        head_dim: 16,
+        max_tokens: 1 << 20,
+    };
+    match OttCache::new(CacheConfig::default(), huge) {
+        Err(CacheError::Alloc { what, detail }) => {
+            assert_eq!(what, "the cache");
+            assert!(detail.contains("bytes"), "{detail}");
+        }
+        other => panic!("expected an allocation error, got {:?}", other.map(|_| ())),
+    }
+    // Reset keeps what was allocated and needs nothing new.
+    let mut c = OttCache::new(CacheConfig::default(), shape(16)).unwrap();
+    let before = c.memory();
+    let kv = vec![0.25f32; 200 * 2 * 16];
+    let mut c64 = OttCache::new(
+        CacheConfig::default(),
+        CacheShape {
+            max_tokens: 256,
+            ..shape(16)
+        },
+    )
+    .unwrap();
+    c64.append(0, &kv, &kv, 200).unwrap();
+    assert!(c64.memory().codes > 0);
+    c64.reset();
+    assert_eq!((c64.len(), c64.memory().codes), (0, 0));
+    c.reset();
+    assert_eq!(c.memory(), before);
+}

@@ -125,6 +125,69 @@ fn c_example_ggml_op() {
     assert!(out.contains("PASSED") && !out.contains("FAIL "), "{out}");
 }
 
+/// Every misuse of the API through C, compiled with AddressSanitizer and UBSan: each call is
+/// a status code, and none reads, writes or leaks what it should not.
+#[test]
+fn c_misuse_under_sanitizers() {
+    let Some((cflags, libs)) = c_toolchain("c_misuse_under_sanitizers") else {
+        return;
+    };
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let src = repo.join("examples/c/misuse.c");
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let exe = tmp.path().join("misuse");
+    let san = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all"];
+    let out = Command::new("cc")
+        .args(["-std=c11", "-O1", "-g", "-fno-omit-frame-pointer"])
+        .args(["-Wall", "-Wextra", "-Werror"])
+        .args(san)
+        .arg(&src)
+        .args(&cflags)
+        .args(&libs)
+        .args(san)
+        .arg("-o")
+        .arg(&exe)
+        .output()
+        .expect("running cc");
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        // A compiler without the sanitizer runtimes (libasan/libubsan) cannot run this check.
+        if err.contains("cannot find -lasan") || err.contains("cannot find -lubsan") {
+            let why = format!("cc has no sanitizer runtime: {}", err.trim());
+            if std::env::var("OTTKV_REQUIRE_CC").as_deref() == Ok("1") {
+                panic!("c_misuse_under_sanitizers: {why}");
+            }
+            println!("skipping: c_misuse_under_sanitizers: {why}");
+            return;
+        }
+        panic!("cc {} failed:\n{err}", src.display());
+    }
+    let run = Command::new(&exe)
+        // Leaks are findings too; any sanitizer report fails the run.
+        .env(
+            "ASAN_OPTIONS",
+            "detect_leaks=1:abort_on_error=0:exitcode=23",
+        )
+        .env(
+            "UBSAN_OPTIONS",
+            "print_stacktrace=1:halt_on_error=1:exitcode=24",
+        )
+        .output()
+        .expect("running misuse");
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    println!("{stdout}");
+    assert!(
+        run.status.success() && stdout.contains("PASSED") && !stdout.contains("FAIL "),
+        "misuse.c ({}):\n{stdout}\n{stderr}",
+        run.status
+    );
+    assert!(
+        !stderr.contains("Sanitizer") && !stderr.contains("runtime error"),
+        "{stderr}"
+    );
+}
+
 /// The header's structs, as the C compiler lays them out, equal Rust's `repr(C)` mirrors.
 #[test]
 fn c_header_layouts_match_rust() {
@@ -557,8 +620,9 @@ fn wrong_sizes_shapes_and_ranges_are_errors_and_change_nothing() {
         "exceed",
     );
 
-    // attend over tokens that straddle a flush: SUBBATCH; plan says how to split.
-    let h2 = create("ott2:g=16,r=16", 64);
+    // attend over tokens that straddle a flush: SUBBATCH; plan says how to split (room for
+    // the 40 planned after the 40 appended).
+    let h2 = create("ott2:g=16,r=16", 128);
     let kv40 = data(40 * NKV * HD, 0.7);
     let q40 = data(40 * NH * HD, 0.8);
     let mut o40 = vec![0f32; 40 * NH * HD];
@@ -824,6 +888,99 @@ fn forward_matches_rust(spec: &str) {
     rust.forward(0, &q, &kv, &kv, n, NH, 0.25, &mut b, 1)
         .unwrap();
     assert_eq!(a, b);
+    // SAFETY: valid handle.
+    assert_eq!(unsafe { ottkv_cache_free(h) }, OTTKV_OK);
+}
+
+#[test]
+fn storage_that_cannot_be_had_is_an_alloc_status() {
+    let c = config("ott2");
+    // 2^32 heads: the windows alone would take terabytes. Before, the failed allocation
+    // aborted the process.
+    let s = ottkv_cache_shape {
+        n_layer: 65536,
+        n_head_kv: 65536,
+        head_dim: 16,
+        max_tokens: 1 << 20,
+    };
+    let mut h = null_mut();
+    // SAFETY: valid pointers.
+    unsafe {
+        expect_err(
+            ottkv_cache_create(&c, &s, &mut h),
+            OTTKV_ERR_ALLOC,
+            "bytes of memory",
+        );
+    }
+    assert!(h.is_null(), "a failed create wrote a handle");
+    let name = |st: i32| {
+        // SAFETY: static strings.
+        unsafe { CStr::from_ptr(ottkv_status_name(st)) }
+            .to_str()
+            .unwrap()
+            .to_string()
+    };
+    assert_eq!(name(OTTKV_ERR_ALLOC as i32), "OTTKV_ERR_ALLOC");
+}
+
+#[test]
+fn plan_over_more_tokens_than_fit_answers_at_once() {
+    let h = create("ott2:g=16,r=16", 64);
+    let mut n_sub = 7usize;
+    // SAFETY: valid pointers; starts may be NULL with cap 0.
+    unsafe {
+        // It used to walk all SIZE_MAX tokens, pushing a range per flush until memory ran out.
+        for n in [usize::MAX, usize::MAX / 16, 65] {
+            expect_err(
+                ottkv_cache_plan(h, 0, n, null_mut(), 0, &mut n_sub),
+                OTTKV_ERR_OVERFLOW,
+                "exceed max_tokens 64",
+            );
+            assert_eq!(n_sub, 7, "n_sub written for a refused plan");
+        }
+        // Every token that fits: the count is known before anything is written.
+        expect_err(
+            ottkv_cache_plan(h, 0, 64, null_mut(), 0, &mut n_sub),
+            OTTKV_ERR_OVERFLOW,
+            "cap is 0",
+        );
+        // Empty window: the 32nd token flushes (R + G), then every 16th: tokens 31, 47, 63.
+        assert_eq!(n_sub, 4);
+        let mut starts = [0usize; 4];
+        let st = ottkv_cache_plan(h, 0, 64, starts.as_mut_ptr(), 4, &mut n_sub);
+        assert_eq!(st, OTTKV_OK, "{}", last_error());
+        assert_eq!(starts, [0, 31, 47, 63]);
+        assert_eq!(ottkv_cache_free(h), OTTKV_OK);
+    }
+}
+
+#[test]
+fn thread_counts_beyond_the_cores_are_clamped() {
+    let h = create("ott2:g=16,r=16", 64);
+    let q = data(NH * HD, 0.5);
+    let kv = data(NKV * HD, 1.5);
+    let mut out = vec![0f32; NH * HD];
+    // SAFETY: true lengths.
+    let st = unsafe {
+        ottkv_cache_forward(
+            h,
+            0,
+            1,
+            NH as u32,
+            0.25,
+            q.as_ptr(),
+            q.len(),
+            kv.as_ptr(),
+            kv.len(),
+            kv.as_ptr(),
+            kv.len(),
+            out.as_mut_ptr(),
+            out.len(),
+            u32::MAX,
+        )
+    };
+    assert_eq!(st, OTTKV_OK, "{}", last_error());
+    assert!(out.iter().all(|x| x.is_finite()));
     // SAFETY: valid handle.
     assert_eq!(unsafe { ottkv_cache_free(h) }, OTTKV_OK);
 }

@@ -637,16 +637,23 @@ fn vocab_edit(base: &Base, rng: &mut StdRng) -> Mutant {
     };
     let (what, expect) = match rng.gen_range(0..9) {
         0 | 1 => {
-            // Two tokens with one text: one flipped byte of the vocabulary suffices in practice.
+            // Two tokens with one text: one flipped byte of the vocabulary suffices in practice,
+            // a NUL too (llama.cpp reads tokens as C strings).
             let (i, j) = (rng.gen_range(0..n), rng.gen_range(0..n));
             if i == j {
                 return vocab_edit(base, rng);
             }
             let mut t = tokens.clone();
-            t[i] = t[j].clone();
+            let nul = rng.gen_bool(0.3);
+            t[i] = if nul {
+                format!("{}\0{}", t[j], rng.gen_range(0..1000))
+            } else {
+                t[j].clone()
+            };
             set_tokens(&mut w, t);
+            let how = if nul { " before a NUL" } else { "" };
             (
-                format!("token {i} = token {j} {:?}", tokens[j]),
+                format!("token {i} = token {j} {:?}{how}", tokens[j]),
                 Expect::Refused,
             )
         }
@@ -995,7 +1002,19 @@ fn main() {
                                 let p = keep_dir.join(format!("mutant-{seed:x}-{i}.gguf"));
                                 std::fs::write(&p, &m.bytes).ok().map(|_| p)
                             });
-                            let tail: Vec<&str> = run.stderr.lines().rev().take(4).collect();
+                            // ggml prints a gdb backtrace after its assert: show the assert.
+                            let key = run.stderr.lines().find(|l| {
+                                l.contains("GGML_ASSERT")
+                                    || l.contains("GGML_ABORT")
+                                    || l.contains("terminate called")
+                                    || l.contains("what():")
+                                    || l.starts_with("error:")
+                                    || l.contains("panicked")
+                            });
+                            let tail: Vec<&str> = match key {
+                                Some(l) => vec![l],
+                                None => run.stderr.lines().rev().take(4).collect(),
+                            };
                             t.failures.push(Failure {
                                 mutant: i,
                                 base: base.name,

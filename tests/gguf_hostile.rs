@@ -1143,3 +1143,149 @@ fn open_missing_file_is_io_error() {
     let e = GgufFile::open("/nonexistent/dir/model.gguf").expect_err("missing");
     assert!(matches!(e, GgufError::Io { path, .. } if path.ends_with("model.gguf")));
 }
+
+// ---------------------------------------------------------------------------
+// Tokenizer metadata as libllama would read it
+// ---------------------------------------------------------------------------
+
+fn vocab_file(model: &str, tokens: Vec<String>) -> GgufWriter {
+    let mut w = GgufWriter::new();
+    w.add_kv("tokenizer.ggml.model", model).expect("kv");
+    w.add_kv("tokenizer.ggml.tokens", Array::String(tokens))
+        .expect("kv");
+    w
+}
+
+/// A SentencePiece vocabulary with every byte token, then `extra`.
+fn spm_tokens(extra: &[&str]) -> Vec<String> {
+    let mut t: Vec<String> = ["<unk>", "<s>", "</s>"].map(String::from).to_vec();
+    t.extend((0..=255u8).map(|b| format!("<0x{b:02X}>")));
+    t.extend(extra.iter().map(|s| s.to_string()));
+    t
+}
+
+fn vocab_err(w: &GgufWriter) -> (String, String) {
+    match ottkv::gguf::check_vocab(&parse(&w.to_bytes()).expect("parse")) {
+        Err(GgufError::Vocab { key, reason }) => (key, reason),
+        other => panic!("expected a vocabulary error, got {other:?}"),
+    }
+}
+
+#[test]
+fn vocab_checks_follow_libllama() {
+    let ok = vocab_file("llama", spm_tokens(&["a", "b"]));
+    let v = ottkv::gguf::check_vocab(&parse(&ok.to_bytes()).unwrap()).unwrap();
+    assert_eq!(v.n_tokens, 261);
+
+    // An empty token is "[EMPTY_<id>]" to llama.cpp: it collides with that very text.
+    let mut t = spm_tokens(&["", "x"]);
+    let empty_id = t.len() - 2;
+    t[empty_id + 1] = format!("[EMPTY_{empty_id}]");
+    let (key, reason) = vocab_err(&vocab_file("llama", t));
+    assert_eq!(key, "tokenizer.ggml.tokens");
+    assert!(
+        reason.contains(&format!("repeats token #{empty_id}")),
+        "{reason}"
+    );
+
+    // Tokens are C strings to llama.cpp: "ab\0c" is "ab".
+    let (_, reason) = vocab_err(&vocab_file("llama", spm_tokens(&["ab", "ab\0c"])));
+    assert!(reason.contains("NUL"), "{reason}");
+
+    // A lone NUL is no byte token for 0x00, whatever its text.
+    let mut t = spm_tokens(&["\0"]);
+    t[3] = "<none>".into();
+    let (_, reason) = vocab_err(&vocab_file("llama", t));
+    assert!(reason.contains("<0x00>"), "{reason}");
+    // Lower-case hex is not what llama.cpp looks up.
+    let mut t = spm_tokens(&[]);
+    t[3 + 0xAB] = "<0xab>".into();
+    assert!(vocab_err(&vocab_file("llama", t)).1.contains("<0xAB>"));
+
+    // BOS added by tokenization must exist: a 2-token vocabulary has no default id 2 or 11.
+    let mut w = vocab_file("gpt2", vec!["a".into(), "b".into()]);
+    w.add_kv("tokenizer.ggml.merges", Array::String(vec![]))
+        .unwrap();
+    assert_eq!(vocab_err(&w).0, "tokenizer.ggml.bos_token_id");
+    w.add_kv("tokenizer.ggml.add_bos_token", false).unwrap();
+    ottkv::gguf::check_vocab(&parse(&w.to_bytes()).unwrap()).unwrap();
+    w.add_kv("tokenizer.ggml.add_eos_token", true).unwrap();
+    assert_eq!(vocab_err(&w).0, "tokenizer.ggml.eos_token_id");
+    // An id outside the vocabulary falls back to the default, as in llama.cpp...
+    let mut w = ok.clone();
+    w.add_kv("tokenizer.ggml.bos_token_id", 99_999u32).unwrap();
+    ottkv::gguf::check_vocab(&parse(&w.to_bytes()).unwrap()).unwrap();
+    // ... but an id of another type fails llama.cpp's load: refused here.
+    let mut w = ok.clone();
+    w.add_kv("tokenizer.ggml.bos_token_id", -1i32).unwrap();
+    assert_eq!(vocab_err(&w).0, "tokenizer.ggml.bos_token_id");
+
+    // Per-token arrays must cover every token, with llama.cpp's element types.
+    let mut w = ok.clone();
+    w.add_kv("tokenizer.ggml.scores", Array::F32(vec![0.0; 10]))
+        .unwrap();
+    assert!(vocab_err(&w).1.contains("10 entries for 261 tokens"));
+    let mut w = ok.clone();
+    w.add_kv("tokenizer.ggml.token_type", Array::U8(vec![1; 261]))
+        .unwrap();
+    assert_eq!(vocab_err(&w).0, "tokenizer.ggml.token_type");
+
+    for m in ["none", "no_vocab", "bert", "t5", "llama\0"] {
+        let (key, _) = vocab_err(&vocab_file(m, spm_tokens(&[])));
+        assert_eq!(key, "tokenizer.ggml.model", "{m:?}");
+    }
+}
+
+#[test]
+fn hparams_have_sane_maxima() {
+    for (key, v) in [
+        ("block_count", 513u32),
+        ("block_count", u32::MAX),
+        ("attention.head_count", 1 << 13),
+        ("embedding_length", 1 << 19),
+        ("feed_forward_length", 1 << 21),
+        ("attention.key_length", 1 << 15),
+    ] {
+        let mut w = base_hparams("llama");
+        w.set_kv(format!("llama.{key}"), v).unwrap();
+        let k = format!("llama.{key}");
+        assert!(
+            matches!(hp(&w), Err(GgufError::InvalidHparam { key, reason }) if key == k && reason.contains("limit")),
+            "{k} = {v}"
+        );
+    }
+}
+
+#[test]
+fn writer_edits_in_place() {
+    let mut w = base_hparams("llama");
+    w.add_tensor("t", &[4], GgmlType::F32, vec![0u8; 16])
+        .unwrap();
+    w.add_tensor("u", &[32], GgmlType::F32, vec![0u8; 128])
+        .unwrap();
+    let order = |w: &GgufWriter| {
+        parse(&w.to_bytes())
+            .unwrap()
+            .metadata()
+            .map(|(k, _)| k.to_string())
+            .collect::<Vec<_>>()
+    };
+    let before = order(&w);
+    w.set_kv("llama.block_count", 7u32).unwrap();
+    assert_eq!(order(&w), before, "set_kv keeps the key's place");
+    assert_eq!(w.kv("llama.block_count"), Some(&Value::U32(7)));
+    assert!(w.remove_kv("llama.block_count"));
+    assert!(!w.remove_kv("llama.block_count"));
+    w.replace_tensor("t", &[32], GgmlType::Q8_0, vec![0u8; 34])
+        .unwrap();
+    assert!(w
+        .replace_tensor("t", &[32], GgmlType::Q8_0, vec![0u8; 33])
+        .is_err());
+    assert!(w.remove_tensor("u"));
+    let g = parse(&w.to_bytes()).unwrap();
+    assert_eq!(g.tensors().len(), 1);
+    assert_eq!(g.tensor("t").unwrap().ggml_type, GgmlType::Q8_0);
+    // from_gguf reproduces a parsed file byte for byte (our writer's layout).
+    let bytes = w.to_bytes();
+    assert_eq!(GgufWriter::from_gguf(&g, &bytes).unwrap().to_bytes(), bytes);
+}

@@ -12,6 +12,7 @@
 //! `Display` writes the fully explicit `ott:` form, which parses back to an equal config; `rot`
 //! and `sink` appear only when set, so the pre-existing presets print as they always did.
 
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::str::FromStr;
 
@@ -31,6 +32,9 @@ pub const MAX_EXTRA: u32 = 1 << 16;
 pub const GROUP_MULTIPLE: u32 = 16;
 /// Most layers one `field@A-B` range may name (keeps hostile specs from allocating much).
 pub const MAX_LAYER_RANGE: u32 = 4096;
+/// Most per-layer settings (one layer of one `field@L`) a spec may make: far above any
+/// model's layers times the four per-layer fields, and a bound on what parsing costs.
+pub const MAX_LAYER_SETTINGS: usize = 1 << 16;
 /// Most leading tokens that [`CacheConfig::sink`] may keep exact (allocated up front).
 pub const MAX_SINK: u32 = 1 << 12;
 
@@ -277,7 +281,7 @@ impl CacheConfig {
             "ott3c" => Self::ott3c(),
             _ => {
                 return Err(CacheError::Parse {
-                    spec: name.to_string(),
+                    spec: quoted_spec(name),
                     field: "preset".into(),
                     reason: format!("unknown preset; known: ott, {}", PRESETS.join(", ")),
                 })
@@ -375,9 +379,18 @@ impl CacheConfig {
         self.value_group.unwrap_or(self.group.min(head_dim))
     }
 
+    /// The override of `layer` (overrides are sorted by layer, which `validate` checks): a
+    /// binary search, as a cache of many layers asks for every one.
+    fn override_of(&self, layer: u32) -> Option<&LayerOverride> {
+        self.overrides
+            .binary_search_by_key(&layer, |o| o.layer)
+            .ok()
+            .map(|i| &self.overrides[i])
+    }
+
     /// Effective (pool, extra) of a layer: an override's pool, else 0 in untraced layers, else P.
     pub fn pools_for(&self, layer: u32) -> (u32, u32) {
-        let o = self.overrides.iter().find(|o| o.layer == layer);
+        let o = self.override_of(layer);
         // An explicit per-layer pool wins over the untraced-layers default.
         let pool = match o.and_then(|o| o.pool) {
             Some(p) => p,
@@ -396,7 +409,7 @@ impl CacheConfig {
     /// Effective (key bits, value bits) of a layer: a per-layer override, else `kt` in the
     /// untraced layers, else the global bits.
     pub fn bits_for(&self, layer: u32) -> (u32, u32) {
-        let o = self.overrides.iter().find(|o| o.layer == layer);
+        let o = self.override_of(layer);
         let untraced = self
             .untraced_key_bits
             .filter(|_| layer < self.untraced_layers);
@@ -416,21 +429,13 @@ impl CacheConfig {
             ValueAxis::Auto => head_dim < AUTO_CHANNEL_BELOW,
         }
     }
+}
 
-    /// Merges `set` into the override of `set.layer` (fields left `None` stay as they were).
-    fn set_override(&mut self, set: LayerOverride) {
-        match self.overrides.iter_mut().find(|o| o.layer == set.layer) {
-            Some(o) => {
-                o.pool = set.pool.or(o.pool);
-                o.extra = set.extra.or(o.extra);
-                o.key_bits = set.key_bits.or(o.key_bits);
-                o.value_bits = set.value_bits.or(o.value_bits);
-            }
-            None => {
-                self.overrides.push(set);
-                self.overrides.sort_by_key(|o| o.layer);
-            }
-        }
+/// A spec as error messages show it: at most 80 characters (a hostile spec can be megabytes).
+fn quoted_spec(spec: &str) -> String {
+    match spec.char_indices().nth(80) {
+        Some((cut, _)) => format!("{}... ({} bytes)", &spec[..cut], spec.len()),
+        None => spec.to_string(),
     }
 }
 
@@ -444,23 +449,55 @@ impl FromStr for CacheConfig {
             None => (spec_t, None),
         };
         let mut c = Self::preset(base).map_err(|_| CacheError::Parse {
-            spec: spec.to_string(),
+            spec: quoted_spec(spec),
             field: "preset".into(),
             reason: format!("unknown base {base:?}; known: ott, {}", PRESETS.join(", ")),
         })?;
         let err = |field: &str, reason: String| CacheError::Parse {
-            spec: spec.to_string(),
+            spec: quoted_spec(spec),
             field: field.to_string(),
             reason,
         };
+        if fields.is_some_and(|f| f.trim().is_empty()) {
+            return Err(err(
+                "fields",
+                format!("nothing after '{base}:' (give fields, or the name alone)"),
+            ));
+        }
+        // Per-layer settings by (layer, field), merged into `c.overrides` at the end: one
+        // sorted map keeps a long spec linear-logarithmic instead of quadratic.
+        let mut per_layer: BTreeMap<u32, LayerOverride> =
+            c.overrides.iter().map(|o| (o.layer, *o)).collect();
+        let mut layer_settings = 0usize;
+        // Fields set so far, and the name each was set by (a later `k=` would silently undo
+        // an earlier one); per-layer ones as `p@5`.
+        let mut fields_seen: HashMap<&str, &str> = HashMap::new();
+        let mut seen: HashSet<String> = HashSet::new();
         for item in fields.into_iter().flat_map(|f| f.split(',')).map(str::trim) {
             if item.is_empty() {
-                continue;
+                return Err(err("fields", "empty field (two commas in a row?)".into()));
             }
             let (key, val) = item
                 .split_once('=')
                 .ok_or_else(|| err(item, "expected field=value".into()))?;
             let (key, val) = (key.trim(), val.trim());
+            // `s=<number>` is `sink`; per-layer fields are checked per layer below.
+            let canonical = match key {
+                "s" if val.parse::<u32>().is_ok() => "sink",
+                "sink" => "sink",
+                "s" => "score",
+                k => k,
+            };
+            if !key.contains('@') {
+                if let Some(first) = fields_seen.insert(canonical, key) {
+                    let how = if first == key {
+                        String::new()
+                    } else {
+                        format!(" ({first} and {key} both set {canonical})")
+                    };
+                    return Err(err(key, format!("given twice{how}")));
+                }
+            }
             let num = || {
                 val.parse::<u32>()
                     .map_err(|e| err(key, format!("{val:?} is not a non-negative integer: {e}")))
@@ -531,29 +568,44 @@ impl FromStr for CacheConfig {
                             format!("layer range {layer:?} is empty or too long"),
                         ));
                     }
-                    let v = Some(num()?);
+                    if !matches!(what, "p" | "e" | "k" | "v") {
+                        return Err(err(
+                            key,
+                            "unknown per-layer field (p@L, e@L, k@L, v@L)".into(),
+                        ));
+                    }
+                    layer_settings += (last - first) as usize + 1;
+                    if layer_settings > MAX_LAYER_SETTINGS {
+                        return Err(err(
+                            key,
+                            format!("more than {MAX_LAYER_SETTINGS} per-layer settings"),
+                        ));
+                    }
+                    let v = num()?;
                     for layer in first..=last {
-                        let mut o = LayerOverride {
+                        let o = per_layer.entry(layer).or_insert(LayerOverride {
                             layer,
                             ..Default::default()
+                        });
+                        let slot = match what {
+                            "p" => &mut o.pool,
+                            "e" => &mut o.extra,
+                            "k" => &mut o.key_bits,
+                            _ => &mut o.value_bits,
                         };
-                        match what {
-                            "p" => o.pool = v,
-                            "e" => o.extra = v,
-                            "k" => o.key_bits = v,
-                            "v" => o.value_bits = v,
-                            _ => {
-                                return Err(err(
-                                    key,
-                                    "unknown per-layer field (p@L, e@L, k@L, v@L)".into(),
-                                ))
-                            }
+                        if seen.contains(&format!("{what}@{layer}")) {
+                            return Err(err(key, format!("layer {layer} given twice for {what}@")));
                         }
-                        c.set_override(o);
+                        *slot = Some(v);
+                    }
+                    // Recorded after the loop so a range's own layers do not collide.
+                    for layer in first..=last {
+                        seen.insert(format!("{what}@{layer}"));
                     }
                 }
             }
         }
+        c.overrides = per_layer.into_values().collect();
         // Name the field that fails validation, as a parse error, so users see their input.
         c.validate().map_err(|e| match e {
             CacheError::Config { field, reason } => err(field, reason),

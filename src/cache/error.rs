@@ -47,6 +47,10 @@ pub enum CacheError {
     },
     #[error("sub-batch of {n} tokens does not fit in the f16 window of {window} tokens; plan batches with plan_subbatches")]
     SubBatch { n: usize, window: usize },
+    /// Memory the cache needs that could not be had (checked against the machine's memory
+    /// and reserved fallibly before anything changes).
+    #[error("cannot allocate {what}: {detail}")]
+    Alloc { what: &'static str, detail: String },
     #[error(transparent)]
     Quant(#[from] QuantError),
 }

@@ -1,7 +1,7 @@
 //! Storage and outlier tracing of one (layer, kv-head) (OTT.md §2–§4).
 
 use super::config::DOMINANT_BELOW;
-use super::rows::{RowPrecision, Rows};
+use super::rows::{try_vec, RowPrecision, Rows};
 use super::{CacheError, MemoryStats, Rotation, Score};
 use crate::format::{words_for, Geometry, OutlierSlot, QParams};
 use crate::quant::{
@@ -90,7 +90,9 @@ pub(crate) struct HeadSettings {
 }
 
 impl HeadCache {
-    pub(crate) fn new(geo: Geometry, st: HeadSettings) -> Self {
+    /// A head with its window and pools allocated, or [`CacheError::Alloc`] when the memory
+    /// is not there (the caller checked the total against the machine's memory first).
+    pub(crate) fn try_new(geo: Geometry, st: HeadSettings) -> Result<Self, CacheError> {
         let HeadSettings {
             residual,
             pool_cap,
@@ -106,9 +108,10 @@ impl HeadCache {
         let hd = geo.head_dim as usize;
         let row_precision_pending = rows.is_none();
         let rows = rows.unwrap_or(RowPrecision::F16);
+        let r = |cap, what| Rows::try_with_capacity(rows, hd, cap, what);
         // Window and pools are bounded, so they are allocated once, exactly; the quantized
         // segments grow by exactly one group per flush (see `flush`).
-        Self {
+        Ok(Self {
             geo,
             residual,
             pool_cap,
@@ -128,17 +131,102 @@ impl HeadCache {
             val_params: Vec::new(),
             masks: Vec::new(),
             n_groups: 0,
-            win_k: Rows::with_capacity(rows, hd, window_cap),
-            win_v: Rows::with_capacity(rows, hd, window_cap),
-            pool: Vec::with_capacity(pool_cap),
-            pool_k: Rows::with_capacity(rows, hd, pool_cap),
-            pool_v: Rows::with_capacity(rows, hd, pool_cap),
-            extra: Vec::with_capacity(extra_cap),
-            extra_k: Rows::with_capacity(rows, hd, extra_cap),
-            extra_v: Rows::with_capacity(rows, hd, extra_cap),
-            sink_k: Rows::with_capacity(rows, hd, sink_cap),
-            sink_v: Rows::with_capacity(rows, hd, sink_cap),
+            win_k: r(window_cap, "the f16 window")?,
+            win_v: r(window_cap, "the f16 window")?,
+            pool: try_vec(pool_cap, "the outlier pool")?,
+            pool_k: r(pool_cap, "the outlier pool")?,
+            pool_v: r(pool_cap, "the outlier pool")?,
+            extra: try_vec(extra_cap, "the extra pool")?,
+            extra_k: r(extra_cap, "the extra pool")?,
+            extra_v: r(extra_cap, "the extra pool")?,
+            sink_k: r(sink_cap, "the sinks")?,
+            sink_v: r(sink_cap, "the sinks")?,
             stopped_at: None,
+        })
+    }
+
+    /// Forgets every token: quantized storage freed, window and pools emptied but kept.
+    pub(crate) fn reset(&mut self) {
+        self.key_codes = Vec::new();
+        self.key_params = Vec::new();
+        self.val_codes = Vec::new();
+        self.val_params = Vec::new();
+        self.masks = Vec::new();
+        self.n_groups = 0;
+        for r in [
+            &mut self.win_k,
+            &mut self.win_v,
+            &mut self.pool_k,
+            &mut self.pool_v,
+            &mut self.extra_k,
+            &mut self.extra_v,
+            &mut self.sink_k,
+            &mut self.sink_v,
+        ] {
+            r.clear();
+        }
+        self.pool.clear();
+        self.extra.clear();
+        self.stopped_at = None;
+    }
+
+    /// Flushes that `n` more tokens would cause: the window flushes when it reaches R + G
+    /// and keeps R.
+    pub(crate) fn flushes_for(&self, n: usize) -> usize {
+        let to_first = self.residual + self.group() - self.window_len();
+        if n < to_first {
+            0
+        } else {
+            1 + (n - to_first) / self.group()
+        }
+    }
+
+    /// Reserves the quantized storage of `flushes` more groups, so the flushes themselves
+    /// cannot fail to allocate; capacities stay exact (each flush uses what it reserved).
+    pub(crate) fn reserve_flushes(&mut self, flushes: usize) -> Result<(), CacheError> {
+        if flushes == 0 {
+            return Ok(());
+        }
+        let (hd, g) = (self.head_dim(), self.group());
+        let (n_vc, n_vp) = self.value_growth();
+        let grow = |per: usize| per.checked_mul(flushes);
+        let fail = |what: &'static str| CacheError::Alloc {
+            what,
+            detail: format!("{flushes} more groups of {g} tokens overflow usize"),
+        };
+        let err = |what: &'static str| {
+            move |e: std::collections::TryReserveError| CacheError::Alloc {
+                what,
+                detail: format!("{flushes} more groups of {g} tokens: {e}"),
+            }
+        };
+        let codes = "quantized codes";
+        let params = "quantization parameters";
+        self.key_codes
+            .try_reserve_exact(grow(hd * self.key_words()).ok_or_else(|| fail(codes))?)
+            .map_err(err(codes))?;
+        self.key_params
+            .try_reserve_exact(grow(hd).ok_or_else(|| fail(params))?)
+            .map_err(err(params))?;
+        self.val_codes
+            .try_reserve_exact(grow(n_vc).ok_or_else(|| fail(codes))?)
+            .map_err(err(codes))?;
+        self.val_params
+            .try_reserve_exact(grow(n_vp).ok_or_else(|| fail(params))?)
+            .map_err(err(params))?;
+        self.masks
+            .try_reserve_exact(grow(self.mask_words()).ok_or_else(|| fail("masks"))?)
+            .map_err(err("masks"))?;
+        Ok(())
+    }
+
+    /// (value code words, value params) one flush adds.
+    fn value_growth(&self) -> (usize, usize) {
+        let (hd, g) = (self.head_dim(), self.group());
+        if self.value_per_channel {
+            (hd * self.val_channel_words(), hd)
+        } else {
+            (g * self.val_words(), g * self.val_nparams())
         }
     }
 
@@ -388,8 +476,14 @@ impl HeadCache {
     /// Appends one token whose K and V are finite in f16 (checked by the caller) and flushes
     /// the oldest G tokens when the window reaches R + G. `v` comes in stored form (rotated
     /// when `rot` > 0); `k` in the caller's space when the head decides its key rotation,
-    /// else in stored form too.
-    pub(crate) fn push(&mut self, k: &[f32], v: &[f32]) -> Result<(), CacheError> {
+    /// else in stored form too. `scratch` holds at least 2·G·hd floats (allocated once per
+    /// cache, so a flush never has to find that memory).
+    pub(crate) fn push(
+        &mut self,
+        k: &[f32],
+        v: &[f32],
+        scratch: &mut [f32],
+    ) -> Result<(), CacheError> {
         debug_assert_eq!(k.len(), self.head_dim());
         debug_assert!(self.win_k.len() < self.win_k.capacity());
         if self.keys_rotated && self.auto_key_rotation {
@@ -401,7 +495,7 @@ impl HeadCache {
         }
         self.win_v.push(v);
         if self.window_len() == self.residual + self.group() {
-            self.flush()?;
+            self.flush(scratch)?;
         }
         Ok(())
     }
@@ -492,17 +586,17 @@ impl HeadCache {
     }
 
     /// Traces outliers in the oldest G window tokens, then quantizes them as one group.
-    fn flush(&mut self) -> Result<(), CacheError> {
+    fn flush(&mut self, scratch: &mut [f32]) -> Result<(), CacheError> {
         let (hd, g) = (self.head_dim(), self.group());
         if self.row_precision_pending || self.key_rotation_pending {
             self.make_first_flush_choices()?;
         }
         let gi = self.n_groups;
         let base = gi * g;
-        let mut kg = vec![0f32; g * hd]; // [G][head_dim]
-        let mut vg = vec![0f32; g * hd]; // [G][head_dim]
-        self.win_k.to_f32(0, g, &mut kg);
-        self.win_v.to_f32(0, g, &mut vg);
+        let (kg, rest) = scratch.split_at_mut(g * hd); // [G][head_dim]
+        let vg = &mut rest[..g * hd]; // [G][head_dim]
+        self.win_k.to_f32(0, g, kg);
+        self.win_v.to_f32(0, g, vg);
         let mut mask = vec![0u32; self.mask_words()]; // [mask words]
 
         // Slots whose exact copy lives elsewhere (sinks, pool): masked and mean-filled.
@@ -572,8 +666,8 @@ impl HeadCache {
                 }
             }
         }
-        fill_with_mean_of_others(&mut kg, &selected, hd);
-        fill_with_mean_of_others(&mut vg, &selected, hd);
+        fill_with_mean_of_others(kg, &selected, hd);
+        fill_with_mean_of_others(vg, &selected, hd);
 
         let (kw, vw, np) = (self.key_words(), self.val_words(), self.val_nparams());
         let (kc0, kp0, vc0, vp0) = (
@@ -582,12 +676,9 @@ impl HeadCache {
             self.val_codes.len(),
             self.val_params.len(),
         );
-        // Exact growth: one group each time, so capacity == what is used (see memory()).
-        let (n_vc, n_vp) = if self.value_per_channel {
-            (hd * self.val_channel_words(), hd)
-        } else {
-            (g * vw, g * np)
-        };
+        // Exact growth: one group each time, so capacity == what is used (see memory());
+        // `reserve_flushes` made room already, so these reserves do not allocate.
+        let (n_vc, n_vp) = self.value_growth();
         self.key_codes.reserve_exact(hd * kw);
         self.key_codes.resize(kc0 + hd * kw, 0);
         self.key_params.reserve_exact(hd);
@@ -599,7 +690,7 @@ impl HeadCache {
         self.masks.reserve_exact(mask.len());
         self.masks.extend_from_slice(&mask);
         quantize_key_group(
-            &kg,
+            kg,
             g,
             hd,
             self.geo.key_bits,
@@ -609,7 +700,7 @@ impl HeadCache {
         let gv = self.geo.value_group as usize;
         if self.value_per_channel {
             quantize_key_group(
-                &vg,
+                vg,
                 g,
                 hd,
                 self.geo.value_bits,

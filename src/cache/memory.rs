@@ -140,3 +140,18 @@ pub(crate) fn expected_head_memory(
 pub fn f16_bytes(shape: &CacheShape, n_tokens: usize) -> usize {
     2 * 2 * shape.n_layer * shape.n_head_kv * shape.head_dim * n_tokens
 }
+
+/// Total physical memory of this machine in bytes, where the system says (Linux:
+/// `/proc/meminfo`); `None` elsewhere, and then only fallible allocation guards the cache.
+pub(crate) fn physical_memory() -> Option<usize> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kib: usize = info
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))?
+        .trim()
+        .strip_suffix("kB")?
+        .trim()
+        .parse()
+        .ok()?;
+    kib.checked_mul(1024)
+}

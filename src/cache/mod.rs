@@ -35,7 +35,7 @@ pub use head::HeadCache;
 pub use memory::{expected_memory, f16_bytes, MemoryStats};
 #[cfg(feature = "cuda")]
 pub(crate) use ott::checked_kv;
-pub use ott::{CacheChoices, CacheShape, OttCache, MAX_HEAD_DIM};
+pub use ott::{CacheChoices, CacheShape, OttCache, SubbatchStarts, MAX_HEAD_DIM};
 pub use rows::RowPrecision;
 #[cfg(feature = "cuda")]
 pub(crate) use rows::Rows;

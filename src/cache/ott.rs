@@ -8,6 +8,8 @@ use half::f16;
 use super::attn::{attend_block, attend_row_ref, with_scratch, Dequantized};
 use super::config::WINDOW_BITS_AUTO;
 use super::head::HeadSettings;
+use super::memory::physical_memory;
+use super::rows::try_vec;
 use super::{CacheConfig, CacheError, HeadCache, MemoryStats, Rotation, RowPrecision};
 use crate::format::Geometry;
 use crate::quant::hadamard_blocks;
@@ -200,6 +202,51 @@ impl std::fmt::Display for CacheChoices {
     }
 }
 
+/// Bytes a new cache allocates before its first token, at most: per head the window, pools,
+/// sinks and the head itself; the flush scratch; the per-layer lengths. `None` when that
+/// overflows usize.
+fn creation_bytes(config: &CacheConfig, shape: &CacheShape) -> Option<usize> {
+    let hd = shape.head_dim;
+    // Rows chosen per head (`wb=auto`) start in f16.
+    let bits = match config.window_bits {
+        WINDOW_BITS_AUTO => 16,
+        b => b,
+    };
+    let row = RowPrecision::new(bits, hd).row_bytes(hd);
+    let window = (config.residual as usize + config.group as usize).min(shape.max_tokens);
+    // Pools vary per layer with the overrides: the largest bounds them all.
+    let pool = config
+        .overrides
+        .iter()
+        .filter_map(|o| o.pool)
+        .chain([config.pool])
+        .max()
+        .unwrap_or(0) as usize;
+    let extra = config
+        .overrides
+        .iter()
+        .filter_map(|o| o.extra)
+        .chain([config.extra])
+        .max()
+        .unwrap_or(0) as usize;
+    let sink = (config.sink as usize).min(shape.max_tokens);
+    let rows = window
+        .checked_add(pool)?
+        .checked_add(extra)?
+        .checked_add(sink)?;
+    let per_head = rows
+        .checked_mul(2 * row)?
+        .checked_add((pool + extra) * std::mem::size_of::<crate::format::OutlierSlot>())?
+        .checked_add(std::mem::size_of::<HeadCache>())?;
+    let scratch = 2 * config.group as usize * hd * std::mem::size_of::<f32>();
+    shape
+        .n_layer
+        .checked_mul(shape.n_head_kv)?
+        .checked_mul(per_head)?
+        .checked_add(scratch)?
+        .checked_add(shape.n_layer.checked_mul(std::mem::size_of::<usize>())?)
+}
+
 /// The OTT KV cache of one sequence.
 #[derive(Clone, Debug)]
 pub struct OttCache {
@@ -208,13 +255,30 @@ pub struct OttCache {
     geo: Geometry,
     heads: Vec<HeadCache>, // [n_layer][n_head_kv]
     lens: Vec<usize>,      // [n_layer]
+    /// A flush's working copy of its group: `[2][G][head_dim]` (keys, then values).
+    scratch: Vec<f32>,
 }
 
 impl OttCache {
     /// Builds an empty cache; window and pools are allocated now, quantized storage grows by
-    /// exactly one group per flush, so `memory()` always reports what is really held.
+    /// exactly one group per flush, so `memory()` always reports what is really held. What
+    /// is allocated now is checked against the machine's memory first and reserved
+    /// fallibly: a shape that cannot be held is [`CacheError::Alloc`], not an abort.
     pub fn new(config: CacheConfig, shape: CacheShape) -> Result<Self, CacheError> {
         check_shape(&config, &shape)?;
+        let bytes = creation_bytes(&config, &shape).ok_or_else(|| CacheError::Alloc {
+            what: "the cache",
+            detail: format!("the window and pools of {shape:?} overflow usize"),
+        })?;
+        if let Some(ram) = physical_memory().filter(|&ram| bytes > ram) {
+            return Err(CacheError::Alloc {
+                what: "the cache",
+                detail: format!(
+                    "its window and pools take {bytes} bytes before the first token, more \
+                     than this machine's {ram} bytes of memory"
+                ),
+            });
+        }
         let geo_of = |(key_bits, value_bits)| Geometry {
             head_dim: shape.head_dim as u32,
             key_group: config.group,
@@ -224,7 +288,14 @@ impl OttCache {
         };
         let geo = geo_of((config.key_bits, config.value_bits));
         let window_cap = (config.residual as usize + config.group as usize).min(shape.max_tokens);
-        let mut heads = Vec::with_capacity(shape.n_layer * shape.n_head_kv);
+        let mut heads = try_vec(shape.n_layer * shape.n_head_kv, "the per-head state")?;
+        let mut lens = try_vec(shape.n_layer, "the per-layer lengths")?;
+        lens.resize(shape.n_layer, 0);
+        let mut scratch = try_vec(
+            2 * config.group as usize * shape.head_dim,
+            "the flush scratch",
+        )?;
+        scratch.resize(2 * config.group as usize * shape.head_dim, 0.0);
         for layer in 0..shape.n_layer {
             let (p, e) = config.pools_for(layer as u32);
             let st = HeadSettings {
@@ -241,15 +312,19 @@ impl OttCache {
                 value_per_channel: config.values_per_channel(shape.head_dim as u32),
             };
             for _ in 0..shape.n_head_kv {
-                heads.push(HeadCache::new(geo_of(config.bits_for(layer as u32)), st));
+                heads.push(HeadCache::try_new(
+                    geo_of(config.bits_for(layer as u32)),
+                    st,
+                )?);
             }
         }
         Ok(Self {
-            lens: vec![0; shape.n_layer],
+            lens,
             config,
             shape,
             geo,
             heads,
+            scratch,
         })
     }
 
@@ -282,7 +357,9 @@ impl OttCache {
     }
     /// Drops all tokens and the quantized storage (window and pools stay allocated).
     pub fn reset(&mut self) {
-        *self = Self::new(self.config.clone(), self.shape).expect("config was valid at creation");
+        // In place: a reset must not need memory the cache could not get again.
+        self.heads.iter_mut().for_each(HeadCache::reset);
+        self.lens.iter_mut().for_each(|l| *l = 0);
     }
     /// Bytes actually allocated, by segment, over all layers and heads.
     pub fn memory(&self) -> MemoryStats {
@@ -321,27 +398,47 @@ impl OttCache {
 
     /// Splits `n` new tokens of `layer` at flush points: each range after the first starts at
     /// a token whose append triggers a flush. Appending a range, then attending it causally,
-    /// gives each query the cache state it would have seen when decoded alone.
+    /// gives each query the cache state it would have seen when decoded alone. More tokens
+    /// than the layer has room for are [`CacheError::Overflow`], as appending them would be.
     pub fn plan_subbatches(&self, layer: usize, n: usize) -> Result<Vec<Range<usize>>, CacheError> {
-        self.check_layer(layer)?;
-        let trigger = self.config.residual as usize + self.config.group as usize;
-        let mut wl = self.layer_heads(layer)[0].window_len();
-        let mut out = Vec::new();
-        let mut start = 0;
-        for j in 0..n {
-            wl += 1;
-            if wl == trigger {
-                if j > start {
-                    out.push(start..j);
-                    start = j;
-                }
-                wl = self.config.residual as usize;
-            }
-        }
-        if n > start {
-            out.push(start..n);
+        let starts = self.subbatch_starts(layer, n)?;
+        let mut out = Vec::with_capacity(starts.len());
+        let mut it = starts.peekable();
+        while let Some(s) = it.next() {
+            out.push(s..it.peek().copied().unwrap_or(n));
         }
         Ok(out)
+    }
+
+    /// The first token of each range [`Self::plan_subbatches`] would return, computed in
+    /// closed form (the count is known before anything is allocated for it).
+    pub fn subbatch_starts(&self, layer: usize, n: usize) -> Result<SubbatchStarts, CacheError> {
+        self.check_layer(layer)?;
+        let len = self.lens[layer];
+        if n > self.shape.max_tokens - len {
+            return Err(CacheError::Overflow {
+                layer,
+                len,
+                n,
+                max_tokens: self.shape.max_tokens,
+            });
+        }
+        let g = self.config.group as usize;
+        let trigger = self.config.residual as usize + g;
+        // The token whose append makes the window reach R + G, then every G tokens.
+        let j0 = trigger - 1 - self.layer_heads(layer)[0].window_len();
+        let first = if j0 == 0 { g } else { j0 };
+        let count = match n {
+            0 => 0,
+            _ if first < n => 2 + (n - 1 - first) / g,
+            _ => 1,
+        };
+        Ok(SubbatchStarts {
+            next: 0,
+            first,
+            step: g,
+            left: count,
+        })
     }
 
     fn check_len(what: &'static str, expected: usize, got: usize) -> Result<(), CacheError> {
@@ -445,10 +542,23 @@ impl OttCache {
         n: usize,
     ) -> Result<(), CacheError> {
         let (k, v) = self.check_kv(layer, k, v, n)?;
+        self.reserve(layer, n)?;
         self.append_checked(layer, &k, &v, n)
     }
 
-    /// Appends rows already in stored form (see [`Self::check_kv`]).
+    /// Reserves the quantized storage `n` more tokens of `layer` will need, so that appending
+    /// them cannot fail halfway for want of memory.
+    fn reserve(&mut self, layer: usize, n: usize) -> Result<(), CacheError> {
+        let nkv = self.shape.n_head_kv;
+        for head in &mut self.heads[layer * nkv..(layer + 1) * nkv] {
+            let f = head.flushes_for(n);
+            head.reserve_flushes(f)?;
+        }
+        Ok(())
+    }
+
+    /// Appends rows already in stored form (see [`Self::check_kv`]) for which
+    /// [`Self::reserve`] made room.
     fn append_checked(
         &mut self,
         layer: usize,
@@ -461,7 +571,7 @@ impl OttCache {
         for t in 0..n {
             for (h, head) in heads.iter_mut().enumerate() {
                 let o = (t * nkv + h) * hd;
-                head.push(&k[o..o + hd], &v[o..o + hd])?;
+                head.push(&k[o..o + hd], &v[o..o + hd], &mut self.scratch)?;
             }
         }
         self.lens[layer] += n;
@@ -615,7 +725,9 @@ impl OttCache {
         threads: usize,
     ) -> Result<(), CacheError> {
         let rows = n * n_head;
-        let threads = threads.clamp(1, rows.max(1));
+        // More threads than cores only adds spawning (and a huge count could fail to spawn).
+        let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
+        let threads = threads.clamp(1, rows.max(1)).min(cores);
         if threads == 1 {
             return self.attend(layer, q, n, n_head, scale, 0..rows, out);
         }
@@ -699,7 +811,9 @@ impl OttCache {
         Self::check_len("q [n][n_head][head_dim]", n * qrow, q.len())?;
         Self::check_len("out [n][n_head][head_dim]", n * qrow, out.len())?;
         let kvrow = nkv * hd;
-        for r in self.plan_subbatches(layer, n)? {
+        let plan = self.plan_subbatches(layer, n)?;
+        self.reserve(layer, n)?;
+        for r in plan {
             self.append_checked(
                 layer,
                 &k[r.start * kvrow..r.end * kvrow],
@@ -719,3 +833,31 @@ impl OttCache {
         Ok(())
     }
 }
+
+/// The first token of each sub-batch of a plan (see [`OttCache::subbatch_starts`]): 0, then
+/// `first`, `first + step`, ... below the batch size.
+#[derive(Clone, Debug)]
+pub struct SubbatchStarts {
+    next: usize,
+    first: usize,
+    step: usize,
+    left: usize,
+}
+
+impl Iterator for SubbatchStarts {
+    type Item = usize;
+    fn next(&mut self) -> Option<usize> {
+        if self.left == 0 {
+            return None;
+        }
+        self.left -= 1;
+        let s = self.next;
+        self.next = if s == 0 { self.first } else { s + self.step };
+        Some(s)
+    }
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        (self.left, Some(self.left))
+    }
+}
+
+impl ExactSizeIterator for SubbatchStarts {}

@@ -6,6 +6,18 @@
 
 use half::{f16, slice::HalfFloatSliceExt};
 
+use super::CacheError;
+
+/// An empty vector with room for exactly `cap` elements, or [`CacheError::Alloc`].
+pub(crate) fn try_vec<T>(cap: usize, what: &'static str) -> Result<Vec<T>, CacheError> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(cap).map_err(|e| CacheError::Alloc {
+        what,
+        detail: format!("{cap} elements of {} bytes: {e}", std::mem::size_of::<T>()),
+    })?;
+    Ok(v)
+}
+
 /// Storage precision of the rows.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RowPrecision {
@@ -51,16 +63,38 @@ pub(crate) struct Rows {
 impl Rows {
     /// Empty rows with room for exactly `cap` rows (allocated now, never grown).
     pub(crate) fn with_capacity(prec: RowPrecision, hd: usize, cap: usize) -> Self {
-        let (nf, nc, ns) = match prec {
-            RowPrecision::F16 => (cap * hd, 0, 0),
-            RowPrecision::Q8 { block } => (0, cap * hd, cap * (hd / block)),
-        };
+        let (nf, nc, ns) = Self::sizes(prec, hd, cap);
         Self {
             hd,
             prec,
             f16: Vec::with_capacity(nf),
             codes: Vec::with_capacity(nc),
             scales: Vec::with_capacity(ns),
+        }
+    }
+
+    /// [`Self::with_capacity`], failing instead of aborting when the memory is not there.
+    pub(crate) fn try_with_capacity(
+        prec: RowPrecision,
+        hd: usize,
+        cap: usize,
+        what: &'static str,
+    ) -> Result<Self, CacheError> {
+        let (nf, nc, ns) = Self::sizes(prec, hd, cap);
+        Ok(Self {
+            hd,
+            prec,
+            f16: try_vec(nf, what)?,
+            codes: try_vec(nc, what)?,
+            scales: try_vec(ns, what)?,
+        })
+    }
+
+    /// Elements of (f16, codes, scales) for `cap` rows.
+    fn sizes(prec: RowPrecision, hd: usize, cap: usize) -> (usize, usize, usize) {
+        match prec {
+            RowPrecision::F16 => (cap * hd, 0, 0),
+            RowPrecision::Q8 { block } => (0, cap * hd, cap * (hd / block)),
         }
     }
 

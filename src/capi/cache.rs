@@ -449,7 +449,8 @@ pub unsafe extern "C" fn ottkv_cache_plan(
         if n_sub.is_null() {
             return err(OTTKV_ERR_NULL, "n_sub is NULL");
         }
-        let plan = e.read()?.plan_subbatches(layer as usize, n_tokens)?;
+        // The count is known in closed form: nothing is allocated for it, whatever n_tokens.
+        let plan = e.read()?.subbatch_starts(layer as usize, n_tokens)?;
         // SAFETY: caller's contract.
         unsafe { write_out(n_sub, plan.len(), "n_sub")? };
         if plan.len() > cap {
@@ -460,8 +461,8 @@ pub unsafe extern "C" fn ottkv_cache_plan(
         }
         // SAFETY: caller's contract: `starts` is writable for cap >= plan.len() entries.
         let dst = unsafe { out_slice(starts, plan.len(), "starts", &[])? };
-        for (d, r) in dst.iter_mut().zip(&plan) {
-            *d = r.start;
+        for (d, s) in dst.iter_mut().zip(plan) {
+            *d = s;
         }
         Ok(())
     })

@@ -48,10 +48,11 @@ pub enum ottkv_status {
     OTTKV_ERR_NON_FINITE = 9,
     OTTKV_ERR_SUBBATCH = 10,
     OTTKV_ERR_VERSION = 11,
+    OTTKV_ERR_ALLOC = 12,
 }
 use ottkv_status::*;
 
-const STATUS_NAMES: [&CStr; 12] = [
+const STATUS_NAMES: [&CStr; 13] = [
     c"OTTKV_OK",
     c"OTTKV_ERR_NULL",
     c"OTTKV_ERR_INVALID_ARGUMENT",
@@ -64,6 +65,7 @@ const STATUS_NAMES: [&CStr; 12] = [
     c"OTTKV_ERR_NON_FINITE",
     c"OTTKV_ERR_SUBBATCH",
     c"OTTKV_ERR_VERSION",
+    c"OTTKV_ERR_ALLOC",
 ];
 
 /// `ottkv_layer_override`.
@@ -159,6 +161,7 @@ impl From<CacheError> for CapiError {
             CacheError::Overflow { .. } => OTTKV_ERR_OVERFLOW,
             CacheError::NonFinite { .. } => OTTKV_ERR_NON_FINITE,
             CacheError::SubBatch { .. } => OTTKV_ERR_SUBBATCH,
+            CacheError::Alloc { .. } => OTTKV_ERR_ALLOC,
             // The quantizer only fails on inputs the cache checked before: a bug if it happens.
             CacheError::Quant(_) => OTTKV_ERR_INTERNAL,
         };

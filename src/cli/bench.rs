@@ -13,7 +13,7 @@ pub struct Args {
     #[arg(short, long)]
     model: PathBuf,
     /// Filled contexts to measure at (prompt of that many tokens, then decoding).
-    #[arg(long, value_delimiter = ',', default_values_t = [512usize, 2048])]
+    #[arg(long, value_delimiter = ',', default_values_t = [512usize, 2048], value_parser = super::parse_positive)]
     ctx: Vec<usize>,
     /// Rows, as for `compare` (`llama:<type>` is llama.cpp itself).
     #[arg(
@@ -22,14 +22,14 @@ pub struct Args {
     )]
     cache: String,
     /// Tokens decoded one at a time after the prompt.
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = 32, value_parser = super::parse_positive)]
     n_decode: usize,
     /// Repetitions (the median is reported).
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 3, value_parser = super::parse_positive)]
     reps: usize,
-    #[arg(short = 'b', long, default_value_t = 512)]
+    #[arg(short = 'b', long, default_value_t = 512, value_parser = super::parse_positive)]
     batch: usize,
-    #[arg(short, long, default_value_t = super::default_threads())]
+    #[arg(short, long, default_value_t = super::default_threads(), value_parser = super::parse_threads)]
     threads: usize,
     #[arg(long)]
     json: Option<PathBuf>,

@@ -24,14 +24,14 @@ pub struct CommonArgs {
     /// The text (its tokens are cut into chunks of N_CTX).
     #[arg(short = 'f', long)]
     file: PathBuf,
-    #[arg(short = 'c', long = "ctx-size", default_value_t = 2048)]
+    #[arg(short = 'c', long = "ctx-size", default_value_t = 2048, value_parser = super::parse_positive)]
     n_ctx: usize,
     /// Chunks to evaluate (default: all that fit).
-    #[arg(long)]
+    #[arg(long, value_parser = super::parse_positive)]
     chunks: Option<usize>,
-    #[arg(short = 'b', long, default_value_t = 512)]
+    #[arg(short = 'b', long, default_value_t = 512, value_parser = super::parse_positive)]
     batch: usize,
-    #[arg(short, long, default_value_t = super::default_threads())]
+    #[arg(short, long, default_value_t = super::default_threads(), value_parser = super::parse_threads)]
     threads: usize,
 }
 
@@ -134,6 +134,7 @@ fn run(
         .expect("static template")
         .progress_chars("=> ");
     let mut bars: Vec<ProgressBar> = Vec::new();
+    let mut skipped: Vec<String> = Vec::new();
     let results = run_rows(
         &p.llama,
         &p.ours,
@@ -160,14 +161,24 @@ fn run(
             Progress::Skipped { row, why } => {
                 bars[row].abandon_with_message(format!("skipped: {why}"));
                 eprintln!("{}: skipped: {why}", specs[row].label());
+                skipped.push(format!("{}: {why}", specs[row].label()));
             }
         },
     )?;
     for b in &bars {
         b.finish_and_clear();
     }
-    if stop.load(Ordering::Relaxed) {
+    let interrupted = stop.load(Ordering::Relaxed);
+    if interrupted {
         eprintln!("interrupted: results cover the chunks every row finished");
+    }
+    // Nothing to report is a failure, whatever the reason: a script must not read exit 0.
+    if results.is_empty() {
+        return Err(Error::InvalidArgument(if interrupted {
+            "interrupted before any row finished a chunk".into()
+        } else {
+            format!("no row could run: {}", skipped.join("; "))
+        }));
     }
     Ok((p, specs, results))
 }

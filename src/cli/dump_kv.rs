@@ -14,12 +14,12 @@ pub struct Args {
     #[arg(short = 'f', long)]
     file: PathBuf,
     /// How many tokens to run and capture.
-    #[arg(short = 'n', long, default_value_t = 2048)]
+    #[arg(short = 'n', long, default_value_t = 2048, value_parser = super::parse_positive)]
     tokens: usize,
     /// Output file (a GGUF container of f16 tensors).
     #[arg(short, long)]
     output: PathBuf,
-    #[arg(short, long, default_value_t = super::default_threads())]
+    #[arg(short, long, default_value_t = super::default_threads(), value_parser = super::parse_threads)]
     threads: usize,
 }
 

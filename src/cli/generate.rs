@@ -22,19 +22,37 @@ pub struct Args {
     #[arg(long, default_value = "ott2")]
     cache: String,
     /// Context size (prompt + generated tokens).
-    #[arg(short = 'c', long, default_value_t = 4096)]
+    #[arg(short = 'c', long, default_value_t = 4096, value_parser = super::parse_positive)]
     ctx_size: usize,
     /// Temperature; 0 is greedy (the default).
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, value_parser = parse_temp)]
     temp: f32,
+    /// Keep the K most likely tokens (0: all).
     #[arg(long, default_value_t = 40)]
     top_k: usize,
-    #[arg(long, default_value_t = 0.95)]
+    /// Keep the most likely tokens whose probabilities sum to P, in (0, 1].
+    #[arg(long, default_value_t = 0.95, value_parser = parse_top_p)]
     top_p: f32,
     #[arg(long, default_value_t = 42)]
     seed: u64,
-    #[arg(short, long, default_value_t = super::default_threads())]
+    #[arg(short, long, default_value_t = super::default_threads(), value_parser = super::parse_threads)]
     threads: usize,
+}
+
+fn parse_temp(s: &str) -> std::result::Result<f32, String> {
+    match s.parse::<f32>() {
+        Ok(t) if t.is_finite() && t >= 0.0 => Ok(t),
+        Ok(t) => Err(format!("{t} is not a finite temperature >= 0")),
+        Err(e) => Err(format!("{s:?} is not a number: {e}")),
+    }
+}
+
+fn parse_top_p(s: &str) -> std::result::Result<f32, String> {
+    match s.parse::<f32>() {
+        Ok(p) if p > 0.0 && p <= 1.0 => Ok(p),
+        Ok(p) => Err(format!("{p} is not in (0, 1]")),
+        Err(e) => Err(format!("{s:?} is not a number: {e}")),
+    }
 }
 
 pub fn run(a: &Args) -> Result<()> {
@@ -46,7 +64,13 @@ pub fn run(a: &Args) -> Result<()> {
             "the prompt tokenizes to nothing".into(),
         ));
     }
-    let n_ctx = a.ctx_size.min(prompt.len() + a.n_predict).max(prompt.len());
+    if prompt.len() > a.ctx_size {
+        return Err(Error::ContextOverflow {
+            needed: prompt.len(),
+            n_ctx: a.ctx_size,
+        });
+    }
+    let n_ctx = a.ctx_size.min(prompt.len() + a.n_predict);
     let kind = KvKind::parse(&a.cache)?;
     let mut s = Session::new(
         &model,

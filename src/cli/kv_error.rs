@@ -21,7 +21,7 @@ pub struct Args {
     /// Print the per-layer attention error too.
     #[arg(long)]
     per_layer: bool,
-    #[arg(short, long, default_value_t = super::default_threads())]
+    #[arg(short, long, default_value_t = super::default_threads(), value_parser = super::parse_threads)]
     threads: usize,
 }
 

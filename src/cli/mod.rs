@@ -82,9 +82,34 @@ pub fn main() -> i32 {
 
 /// Threads to use by default: every core the process may run on.
 pub(crate) fn default_threads() -> usize {
-    std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1)
+    crate::ggml::max_threads()
+}
+
+/// `--threads`: at least 1; more than the cores this process may use is clamped with a
+/// warning, as llama.cpp's tools do (ggml's threads spin at barriers, so extra threads on
+/// busy cores make every step crawl).
+pub(crate) fn parse_threads(s: &str) -> Result<usize, String> {
+    let n: usize = s
+        .parse()
+        .map_err(|e| format!("{s:?} is not a thread count: {e}"))?;
+    if n == 0 {
+        return Err("must be at least 1".into());
+    }
+    let max = crate::ggml::max_threads();
+    if n > max {
+        log::warn!("--threads {n} is more than the {max} cores available: using {max}");
+        return Ok(max);
+    }
+    Ok(n)
+}
+
+/// A count that must be at least 1 (`-c`, `-b`, `--chunks`, `--reps`).
+pub(crate) fn parse_positive(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(format!("{s:?} is not a positive integer: {e}")),
+    }
 }
 
 /// A text file as UTF-8 (invalid bytes replaced, as llama.cpp's tools read them).

@@ -17,6 +17,11 @@ pub fn chunks(
             "n_ctx {n_ctx} is too small"
         )));
     }
+    if n_chunks == Some(0) {
+        return Err(Error::InvalidArgument(
+            "0 chunks asked for: nothing to evaluate".into(),
+        ));
+    }
     let max = tokens.len() / n_ctx;
     let n = n_chunks.map_or(max, |c| c.min(max));
     if n == 0 {

@@ -274,8 +274,16 @@ impl Drop for GraphAllocator {
 }
 
 /// Runs a built graph on the CPU with a work buffer we own.
+/// The most threads worth giving ggml: the cores this process may run on. ggml's threads
+/// spin at barriers, so more than that only slows it down (ggml itself allows 512).
+pub fn max_threads() -> usize {
+    std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(512)
+}
+
 pub(crate) fn compute_graph(graph: *mut sys::ggml_cgraph, threads: usize) -> Result<()> {
-    let threads = threads.clamp(1, 512) as i32;
+    let threads = threads.clamp(1, max_threads()) as i32;
     // SAFETY: the caller passes a graph built in a live context.
     let mut plan = unsafe { sys::ggml_graph_plan(graph, threads, std::ptr::null_mut()) };
     // [work_size] scratch for the ops (quantized activations, partial sums).

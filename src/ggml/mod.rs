@@ -10,7 +10,7 @@ pub mod quantize;
 pub mod repack;
 pub mod sys;
 
-pub use context::{Context, Graph, GraphAllocator, Tensor, GRAPH_NODES};
+pub use context::{max_threads, Context, Graph, GraphAllocator, Tensor, GRAPH_NODES};
 pub use custom::CustomOp;
 pub use ops::{RopeMode, RopeParams};
 

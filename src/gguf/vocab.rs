@@ -190,22 +190,30 @@ fn describe(v: &Value) -> String {
     }
 }
 
-/// llama.cpp maps token text to id and asserts the map is as large as the list; an empty
-/// token takes the text `[EMPTY_<id>]` first, so that is what must be distinct.
+/// llama.cpp maps token text to id and asserts the map is as large as the list. It reads each
+/// token as a C string (up to its first NUL byte), and an empty token takes the text
+/// `[EMPTY_<id>]`: what must be distinct is the text after both.
 fn check_unique(tokens: &[String]) -> Result<()> {
     let mut seen: HashMap<Cow<'_, str>, usize> = HashMap::with_capacity(tokens.len());
-    for (i, t) in tokens.iter().enumerate() {
+    for (i, full) in tokens.iter().enumerate() {
+        let t = full.split('\0').next().unwrap_or_default();
         let text = if t.is_empty() {
             Cow::Owned(format!("[EMPTY_{i}]"))
         } else {
-            Cow::Borrowed(t.as_str())
+            Cow::Borrowed(t)
         };
         if let Some(&first) = seen.get(text.as_ref()) {
             return Err(bad(
                 TOKENS_KEY,
                 format!(
-                    "token #{i} {:?} repeats token #{first} (every token's text must be distinct)",
-                    shorten(&text)
+                    "token #{i} {:?}{} repeats token #{first} (every token's text must be \
+                     distinct)",
+                    shorten(&text),
+                    if full.len() > t.len() {
+                        " (up to its NUL byte, as llama.cpp reads it)"
+                    } else {
+                        ""
+                    }
                 ),
             ));
         }
@@ -283,7 +291,8 @@ fn check_byte_tokens(tokens: &[String]) -> Result<()> {
                     have[v as usize] = true;
                 }
             }
-        } else if b.len() == 1 {
+        } else if b.len() == 1 && b[0] != 0 {
+            // A lone NUL is the empty C string to llama.cpp, never found.
             have[b[0] as usize] = true;
         }
     }

@@ -97,7 +97,7 @@ impl<'m> LlamaContext<'m> {
         cp.n_batch = p.n_batch.min(p.n_ctx);
         cp.n_ubatch = cp.n_batch;
         cp.n_seq_max = 1;
-        let threads = p.threads.clamp(1, 512) as i32;
+        let threads = p.threads.clamp(1, crate::ggml::max_threads()) as i32;
         cp.n_threads = threads;
         cp.n_threads_batch = threads;
         cp.flash_attn_type = sys::LLAMA_FLASH_ATTN_TYPE_ENABLED;
