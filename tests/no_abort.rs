@@ -297,6 +297,7 @@ fn bad_numbers_and_specs_are_usage_errors() {
         ("--temp", "inf", "temperature"),
         ("--top-p", "0", "(0, 1]"),
         ("--top-p", "nan", "(0, 1]"),
+        ("--top-p", "-0.5", "(0, 1]"),
     ] {
         refused(&gen(&[flag, value]), 2, &[needle]);
     }

@@ -25,13 +25,13 @@ pub struct Args {
     #[arg(short = 'c', long, default_value_t = 4096, value_parser = super::parse_positive)]
     ctx_size: usize,
     /// Temperature; 0 is greedy (the default).
-    #[arg(long, default_value_t = 0.0, value_parser = parse_temp)]
+    #[arg(long, default_value_t = 0.0, value_parser = parse_temp, allow_negative_numbers = true)]
     temp: f32,
     /// Keep the K most likely tokens (0: all).
     #[arg(long, default_value_t = 40)]
     top_k: usize,
     /// Keep the most likely tokens whose probabilities sum to P, in (0, 1].
-    #[arg(long, default_value_t = 0.95, value_parser = parse_top_p)]
+    #[arg(long, default_value_t = 0.95, value_parser = parse_top_p, allow_negative_numbers = true)]
     top_p: f32,
     #[arg(long, default_value_t = 42)]
     seed: u64,
