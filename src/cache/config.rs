@@ -374,6 +374,16 @@ impl CacheConfig {
         }
     }
 
+    /// Precision of a head's rows when it is created: the configured one, or f16 for rows
+    /// chosen per head (`wb=auto`), which is also the most they can take.
+    pub(crate) fn initial_row_precision(&self, head_dim: usize) -> super::RowPrecision {
+        let bits = match self.window_bits {
+            WINDOW_BITS_AUTO => 16,
+            b => b,
+        };
+        super::RowPrecision::new(bits, head_dim)
+    }
+
     /// Value group for a head size: the configured one or `min(G, head_dim)`.
     pub fn value_group_for(&self, head_dim: u32) -> u32 {
         self.value_group.unwrap_or(self.group.min(head_dim))

@@ -84,12 +84,7 @@ pub fn expected_memory(
     n_tokens: usize,
 ) -> Result<MemoryStats, CacheError> {
     super::ott::check_shape(config, shape)?;
-    // Rows chosen per head (`wb=auto`) are costed at f16, the most they can take.
-    let bits = match config.window_bits {
-        super::config::WINDOW_BITS_AUTO => 16,
-        b => b,
-    };
-    let row = super::RowPrecision::new(bits, shape.head_dim);
+    let row = config.initial_row_precision(shape.head_dim);
     let mut total = MemoryStats::default();
     for layer in 0..shape.n_layer {
         let one = expected_head_memory(config, shape, layer, row, n_tokens);

@@ -207,12 +207,7 @@ impl std::fmt::Display for CacheChoices {
 /// overflows usize.
 fn creation_bytes(config: &CacheConfig, shape: &CacheShape) -> Option<usize> {
     let hd = shape.head_dim;
-    // Rows chosen per head (`wb=auto`) start in f16.
-    let bits = match config.window_bits {
-        WINDOW_BITS_AUTO => 16,
-        b => b,
-    };
-    let row = RowPrecision::new(bits, hd).row_bytes(hd);
+    let row = config.initial_row_precision(hd).row_bytes(hd);
     let window = (config.residual as usize + config.group as usize).min(shape.max_tokens);
     // Pools vary per layer with the overrides: the largest bounds them all.
     let pool = config
