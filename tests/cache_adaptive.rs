@@ -46,7 +46,7 @@ fn cache(spec: &str, t: usize) -> OttCache {
 }
 
 #[test]
-fn key_rotation_is_chosen_per_head_from_the_first_group() {
+fn without_queries_key_rotation_is_chosen_from_the_first_groups_keys() {
     let mut rng = StdRng::seed_from_u64(11);
     let t = 200;
     let k = keys(t, &mut rng);
@@ -171,4 +171,126 @@ fn recommended_names_the_adaptive_preset() {
     assert_eq!(s.parse::<CacheConfig>().unwrap(), a);
     let o: CacheConfig = "recommended:k=3".parse().unwrap();
     assert_eq!(o, "ott3a".parse::<CacheConfig>().unwrap());
+}
+
+/// Exact causal attention of `q: [t][n_head][HD]` over `k`, `v: [t][NKV][HD]`.
+fn exact_attention(q: &[f32], k: &[f32], v: &[f32], t: usize, n_head: usize) -> Vec<f32> {
+    let rep = n_head / NKV;
+    let scale = 1.0 / (HD as f32).sqrt();
+    let mut out = vec![0f32; t * n_head * HD];
+    for i in 0..t {
+        for h in 0..n_head {
+            let qr = &q[(i * n_head + h) * HD..][..HD];
+            let kv = h / rep;
+            let s: Vec<f32> = (0..=i)
+                .map(|j| {
+                    let kr = &k[(j * NKV + kv) * HD..][..HD];
+                    scale * qr.iter().zip(kr).map(|(a, b)| a * b).sum::<f32>()
+                })
+                .collect();
+            let m = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let p: Vec<f32> = s.iter().map(|x| (x - m).exp()).collect();
+            let sum: f32 = p.iter().sum();
+            let o = &mut out[(i * n_head + h) * HD..][..HD];
+            for (j, pj) in p.iter().enumerate() {
+                let vr = &v[(j * NKV + kv) * HD..][..HD];
+                o.iter_mut().zip(vr).for_each(|(o, x)| *o += pj / sum * x);
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn key_rotation_follows_the_queries_that_read_the_keys() {
+    // Both heads: one of channels 0..16 spikes to ±30 per token, which stretches those
+    // channels' ranges (the keys alone say: rotate, to spread the spikes thin). Head 0's
+    // queries read only channels 16..32, which no spike touches: plain codes hold those
+    // exactly enough, a rotation would smear the spikes into them. Head 1's queries read every
+    // channel.
+    let (t, n_head) = (400, 2 * NKV);
+    let mut rng = StdRng::seed_from_u64(23);
+    let mut k = Vec::with_capacity(t * NKV * HD);
+    for _ in 0..t * NKV {
+        let spike = rng.gen_range(0..HD / 2);
+        for c in 0..HD {
+            let s = if rng.gen_bool(0.5) { 30.0 } else { -30.0 };
+            k.push(gaussian(&mut rng) + if c == spike { s } else { 0.0 });
+        }
+    }
+    let v: Vec<f32> = (0..t * NKV * HD).map(|_| gaussian(&mut rng)).collect();
+    let mut q = Vec::with_capacity(t * n_head * HD);
+    for _ in 0..t {
+        for h in 0..n_head {
+            for c in 0..HD {
+                let reads = h / 2 == 1 || c >= HD / 2;
+                q.push(if reads { 2.0 * gaussian(&mut rng) } else { 0.0 });
+            }
+        }
+    }
+    let spec = |rot: &str| format!("ott3:g=32,r=8,t=0,rot={rot}");
+
+    // Appended without queries: the keys-only rule rotates both heads.
+    let mut keys_only = cache(&spec("auto"), t);
+    keys_only.append(0, &k, &v, t).unwrap();
+    assert_eq!(keys_only.choices().keys_rotated, vec![(0, 0), (0, 1)]);
+
+    let exact = exact_attention(&q, &k, &v, t, n_head);
+    let run = |rot: &str, batch: usize| {
+        let mut c = cache(&spec(rot), t);
+        let mut out = vec![0f32; t * n_head * HD];
+        for s in (0..t).step_by(batch) {
+            let n = batch.min(t - s);
+            let (kv, qo) = (
+                s * NKV * HD..(s + n) * NKV * HD,
+                s * n_head * HD..(s + n) * n_head * HD,
+            );
+            c.forward(
+                0,
+                &q[qo.clone()],
+                &k[kv.clone()],
+                &v[kv],
+                n,
+                n_head,
+                1.0 / (HD as f32).sqrt(),
+                &mut out[qo],
+                2,
+            )
+            .unwrap();
+        }
+        // Relative attention error per kv head over the second half of the queries.
+        let err: Vec<f64> = (0..NKV)
+            .map(|kv| {
+                let (mut num, mut den) = (0f64, 0f64);
+                for i in t / 2..t {
+                    for h in kv * 2..kv * 2 + 2 {
+                        let r = (i * n_head + h) * HD..(i * n_head + h + 1) * HD;
+                        for (a, b) in out[r.clone()].iter().zip(&exact[r]) {
+                            num += f64::from(a - b).powi(2);
+                            den += f64::from(*b).powi(2);
+                        }
+                    }
+                }
+                (num / den).sqrt()
+            })
+            .collect();
+        (c.choices(), err, out)
+    };
+    let (choices, auto, out) = run("auto", 1);
+    println!("{choices}");
+    assert_eq!(choices.keys_rotated, vec![(0, 1)], "{choices}");
+    let (_, plain, _) = run("0", 7);
+    let (_, rotated, _) = run("1", 7);
+    for h in 0..NKV {
+        println!(
+            "head {h}: attention error plain {:.4} rotated {:.4} auto {:.4}",
+            plain[h], rotated[h], auto[h]
+        );
+    }
+    assert!(plain[0] < rotated[0] && auto[0] < rotated[0]);
+    assert!(rotated[1] < plain[1] && auto[1] < plain[1]);
+    // The queries are recorded per position, so a batched run decides the same.
+    let (batched, _, out_b) = run("auto", 37);
+    assert_eq!(batched.keys_rotated, choices.keys_rotated);
+    assert_eq!(out_b, out);
 }

@@ -108,11 +108,13 @@ pub enum Rotation {
     /// per-channel 3-bit keys hold on SmolLM2 and Qwen2.5-Coder-1.5B, and evens out the
     /// per-token value groups.
     On,
-    /// Values always; keys per (layer, kv head), unless its first group shows that a few
-    /// channels dominate its keys (see [`DOMINANT_BELOW`]). Rotation spreads such a channel
-    /// over every channel of its block, where per-channel codes of the plain keys hold it: on
-    /// Qwen2.5-Coder-0.5B's layer 0 rotating cost 5–10× the attention error, while SmolLM2 and
-    /// Qwen2.5-Coder-1.5B lose quality without rotation.
+    /// Values always; keys per (layer, kv head), whichever form gives the queries attended
+    /// before its first flush the smaller attention error with its first group stored that
+    /// way (with no queries seen: rotated unless a few channels dominate its keys, see
+    /// [`DOMINANT_BELOW`]). Rotation evens out tokens that stretch a channel's range but
+    /// spreads a dominant channel over every channel of its block: on Qwen2.5-Coder-0.5B
+    /// rotating layer 0's keys cost 5–10× the attention error, and plain keys win on most of
+    /// its heads, while SmolLM2 and Qwen2.5-Coder-1.5B have heads of both kinds.
     Auto,
 }
 
@@ -122,7 +124,7 @@ pub const WINDOW_BITS_AUTO: u32 = 0;
 
 /// A head's keys count as dominated by a few channels when q8_0 rows of its first group err
 /// more than this fraction of the squared error of that group's per-channel codes; such a head
-/// keeps f16 rows (`wb=auto`) and plain keys (`rot=auto`). q8_0 scales a block of 32 channels
+/// keeps f16 rows (`wb=auto`), and plain keys (`rot=auto`) if no query was seen. q8_0 scales a block of 32 channels
 /// by its largest value: on heads with a massive channel (Qwen2.5-Coder-0.5B layers 0, 1, 2, 4,
 /// 8: |k| up to 214) the other channels of the block lose their precision, and q8_0 rows err as
 /// much as 3-bit per-channel codes (ratio 0.06–2.1, against ≤ 0.015 on every other head of

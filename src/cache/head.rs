@@ -1,6 +1,7 @@
 //! Storage and outlier tracing of one (layer, kv-head) (OTT.md §2–§4).
 
 use super::config::DOMINANT_BELOW;
+use super::probe::{attention_error, Queries, QueryProbe};
 use super::rows::{try_vec, RowPrecision, Rows};
 use super::{CacheError, MemoryStats, Rotation, Score};
 use crate::format::{words_for, Geometry, OutlierSlot, QParams};
@@ -61,6 +62,8 @@ pub struct HeadCache {
     pub(crate) sink_k: Rows,            // [sink_len][head_dim], positions 0..sink_len
     pub(crate) sink_v: Rows,            // [sink_len][head_dim]
     pub(crate) stopped_at: Option<u32>,
+    /// Queries seen before the first flush, while the key rotation is undecided.
+    pub(crate) probe: QueryProbe,
 }
 
 /// Where a tracing candidate currently lives.
@@ -142,6 +145,7 @@ impl HeadCache {
             sink_k: r(sink_cap, "the sinks")?,
             sink_v: r(sink_cap, "the sinks")?,
             stopped_at: None,
+            probe: QueryProbe::default(),
         })
     }
 
@@ -168,6 +172,13 @@ impl HeadCache {
         self.pool.clear();
         self.extra.clear();
         self.stopped_at = None;
+        self.probe.clear();
+    }
+
+    /// Positions whose queries are attended before the first flush (the flush comes with the
+    /// append of position R + G − 1): what [`Self::probe`] records.
+    pub(crate) fn probe_positions(&self) -> usize {
+        self.residual + self.group() - 1
     }
 
     /// Flushes that `n` more tokens would cause: the window flushes when it reaches R + G
@@ -538,16 +549,77 @@ impl HeadCache {
         Ok(sq(x, &back) > DOMINANT_BELOW * sq(&group[skip * hd..], &deq[skip * hd..]))
     }
 
-    /// The choices left to this head (`Rotation::Auto`, `wb=auto`), made at its first flush
-    /// from whether a few channels dominate its keys: such a head keeps its keys plain
-    /// (a rotation would spread those channels over every channel of the block) and its rows
-    /// in f16; any other head rotates its keys (which evens out the tokens whose keys stretch a
-    /// channel's range) and stores rows as q8_0. Rows are converted to the chosen form.
+    /// The first group's keys (`kg`: `[G][head_dim]`, plain) as the first flush would store
+    /// them, back in the caller's space: sinks and the pool's picks exact, every other slot
+    /// through per-channel codes of the (mean-filled) group, rotated first when `rotated`.
+    fn first_group_as_stored(&self, kg: &[f32], rotated: bool) -> Result<Vec<f32>, CacheError> {
+        let (hd, g, bits) = (self.head_dim(), self.group(), self.geo.key_bits);
+        let n_sink = self.sink_cap.min(g);
+        let mut selected = vec![false; g];
+        selected[..n_sink].iter_mut().for_each(|s| *s = true);
+        // The first flush's pool contest: an empty pool, so the group's smallest scores win.
+        let mut cand: Vec<(f32, usize)> = (n_sink..g)
+            .map(|t| (self.score_of(kg[t * hd..(t + 1) * hd].iter().copied()), t))
+            .collect();
+        cand.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+        for &(_, t) in cand.iter().take(self.pool_cap) {
+            selected[t] = true;
+        }
+        let mut x = kg.to_vec();
+        fill_with_mean_of_others(&mut x, &selected, hd);
+        if rotated {
+            hadamard_blocks(&mut x, self.rot);
+        }
+        let w = words_for(g as u32, bits) as usize;
+        let mut codes = vec![0u32; hd * w];
+        let mut params = vec![QParams::default(); hd];
+        quantize_key_group(&x, g, hd, bits, &mut codes, &mut params)?;
+        let mut deq = vec![0f32; g * hd];
+        dequantize_key_group(&codes, &params, g, hd, bits, &mut deq)?;
+        if rotated {
+            hadamard_blocks(&mut deq, self.rot);
+        }
+        for (t, _) in selected.iter().enumerate().filter(|(_, &s)| s) {
+            deq[t * hd..(t + 1) * hd].copy_from_slice(&kg[t * hd..(t + 1) * hd]);
+        }
+        Ok(deq)
+    }
+
+    /// Whether rotated keys serve the queries seen so far better than plain ones: the
+    /// attention error of those queries with the first group stored each way (see
+    /// [`super::probe`]).
+    fn rotation_serves_queries(&self, qs: &Queries) -> Result<bool, CacheError> {
+        let (hd, g) = (self.head_dim(), self.group());
+        let n = self.probe_positions().min(self.window_len());
+        let mut k = vec![0f32; n * hd]; // [n][head_dim], plain
+        let mut v = vec![0f32; n * hd]; // stored form: the error's norm does not mind
+        self.win_k.to_f32(0, n, &mut k);
+        self.win_v.to_f32(0, n, &mut v);
+        let mut err = [0f64; 2];
+        for (e, rotated) in err.iter_mut().zip([false, true]) {
+            let mut k_hat = k.clone();
+            let group = self.first_group_as_stored(&k[..g * hd], rotated)?;
+            k_hat[..g * hd].copy_from_slice(&group);
+            *e = attention_error(qs, &k, &k_hat, &v, hd);
+        }
+        Ok(err[1] < err[0])
+    }
+
+    /// The choices left to this head (`Rotation::Auto`, `wb=auto`), made at its first flush.
+    /// Keys: rotated when that gives the queries attended so far the smaller attention error
+    /// (a rotation evens out tokens that stretch a channel's range, but spreads a dominant
+    /// channel over every channel of its block); with no queries seen, rotated unless a few
+    /// channels dominate them. Rows: f16 where a few channels dominate the keys (q8_0 blocks
+    /// would lose the rest of those blocks), else q8_0. Rows are converted to the chosen form.
     fn make_first_flush_choices(&mut self) -> Result<(), CacheError> {
         let (hd, g) = (self.head_dim(), self.group());
         let mut kg = vec![0f32; g * hd]; // [G][head_dim]
         self.win_k.to_f32(0, g, &mut kg);
         let dominated = self.dominated_by_few_channels(&kg, self.sink_cap)?;
+        let rotate_keys = match self.probe.take() {
+            Some(qs) if self.key_rotation_pending => self.rotation_serves_queries(&qs)?,
+            _ => !dominated,
+        };
         if self.row_precision_pending {
             self.row_precision_pending = false;
             if !dominated {
@@ -569,7 +641,7 @@ impl HeadCache {
         }
         if self.key_rotation_pending {
             self.key_rotation_pending = false;
-            if !dominated {
+            if rotate_keys {
                 self.keys_rotated = true;
                 let rot = self.rot;
                 for rows in [

@@ -26,6 +26,7 @@ mod error;
 mod head;
 mod memory;
 mod ott;
+mod probe;
 mod rows;
 
 pub(crate) use attn::dot_lanes;

@@ -637,6 +637,7 @@ impl OttCache {
         out: &mut [f32],
     ) -> Result<(), CacheError> {
         let rep = self.check_attend(layer, q, n, n_head, &rows, out)?;
+        self.record_probes(layer, q, n, n_head, scale, &rows);
         let hd = self.shape.head_dim;
         let len = self.lens[layer];
         let heads = self.layer_heads(layer);
@@ -679,6 +680,40 @@ impl OttCache {
         Ok(())
     }
 
+    /// Hands the queries of `rows` to the heads still deciding their key rotation, for the
+    /// positions attended before their first flush (checked by `check_attend`).
+    fn record_probes(
+        &self,
+        layer: usize,
+        q: &[f32],
+        n: usize,
+        n_head: usize,
+        scale: f32,
+        rows: &Range<usize>,
+    ) {
+        let heads = self.layer_heads(layer);
+        if !heads.iter().any(HeadCache::key_rotation_pending) {
+            return;
+        }
+        let (hd, rep) = (self.shape.head_dim, n_head / self.shape.n_head_kv);
+        let first = self.lens[layer] - n;
+        for r in rows.clone() {
+            let (pos, h) = (first + r / n_head, r % n_head);
+            let head = &heads[h / rep];
+            if head.key_rotation_pending() && pos < head.probe_positions() {
+                let positions = head.probe_positions();
+                head.probe.record(
+                    pos,
+                    h % rep,
+                    rep,
+                    positions,
+                    &q[r * hd..(r + 1) * hd],
+                    scale,
+                );
+            }
+        }
+    }
+
     /// Scalar reference of [`Self::attend`]: dequantizes and computes plainly.
     #[allow(clippy::too_many_arguments)]
     pub fn attend_ref(
@@ -692,6 +727,7 @@ impl OttCache {
         out: &mut [f32],
     ) -> Result<(), CacheError> {
         let rep = self.check_attend(layer, q, n, n_head, &rows, out)?;
+        self.record_probes(layer, q, n, n_head, scale, &rows);
         let hd = self.shape.head_dim;
         let len = self.lens[layer];
         let heads = self.layer_heads(layer);
