@@ -12,6 +12,9 @@ pub enum Error {
     /// A cache configuration or a shape the cache cannot take.
     #[error(transparent)]
     Cache(#[from] crate::cache::CacheError),
+    /// A cache name that names no cache.
+    #[error(transparent)]
+    Kind(#[from] crate::kind::KindError),
     /// ggml refused an operation (checked before ggml could abort).
     #[error("ggml: {0}")]
     Ggml(String),

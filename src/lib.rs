@@ -14,6 +14,7 @@ pub mod eval;
 pub mod format;
 pub mod ggml;
 pub mod gguf;
+pub mod kind;
 pub mod llama;
 pub mod model;
 pub mod paths;

@@ -4,8 +4,9 @@
 
 mod common;
 
+use ottkv::kind::CacheKind;
 use ottkv::llama::LlamaModel;
-use ottkv::model::{KvKind, Logits, Model, Session, SessionParams};
+use ottkv::model::{Logits, Model, Session, SessionParams};
 
 /// Every cache but f16 gives bit-identical logits both ways (measured: 0.0). The f16 cache
 /// reads K/V through ggml's flash attention, whose CPU kernel for one query row is not the one
@@ -36,7 +37,7 @@ fn one_batch_equals_token_by_token_for_every_cache() {
             n_ctx: 300,
             n_batch,
             threads: 2,
-            cache: KvKind::parse(cache).unwrap(),
+            cache: cache.parse::<CacheKind>().unwrap(),
         };
         let mut one = Session::new(&model, sp(512)).unwrap();
         let batch = one.eval(&toks, Logits::All).unwrap();

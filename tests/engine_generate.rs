@@ -2,9 +2,10 @@
 
 mod common;
 
+use ottkv::kind::CacheKind;
 use ottkv::llama::LlamaModel;
 use ottkv::model::sample::Sampler;
-use ottkv::model::{KvKind, Logits, Model, Session, SessionParams};
+use ottkv::model::{Logits, Model, Session, SessionParams};
 use std::process::Command;
 
 /// Measured: peak RSS 126 MiB for the 94 MiB SmolLM2 file (weights mapped, not copied; the
@@ -43,7 +44,7 @@ fn ott2_generation_after_a_compressed_prompt_is_fluent() {
         n_ctx,
         n_batch: 512,
         threads: 2,
-        cache: KvKind::parse(c).unwrap(),
+        cache: c.parse::<CacheKind>().unwrap(),
     };
     let mut s = Session::new(&model, sp("ott2")).unwrap();
     let mut logits = s.eval(&prompt, Logits::Last).unwrap();

@@ -5,9 +5,11 @@ mod common;
 
 use ottkv::eval::kld::compare_rows;
 use ottkv::gguf::GgmlType;
-use ottkv::llama::{CacheType, LlamaContext, LlamaContextParams, LlamaModel};
+use ottkv::kind::BlockType;
+use ottkv::kind::CacheKind;
+use ottkv::llama::{LlamaContext, LlamaContextParams, LlamaModel};
 use ottkv::model::synthetic::{synthetic_model, Arch, SyntheticSpec};
-use ottkv::model::{KvKind, Logits, Model, Session, SessionParams};
+use ottkv::model::{Logits, Model, Session, SessionParams};
 use std::path::Path;
 
 /// The bar. Measured: our graph reproduces llama.cpp's logits bit for bit (KLD 0.0)
@@ -30,7 +32,7 @@ fn text_tokens(vocab: &LlamaModel, n: usize) -> Vec<i32> {
 fn parity(
     path: &Path,
     cache: &str,
-    ct: CacheType,
+    ct: BlockType,
     tokens: &[i32],
     n_batch: usize,
 ) -> (f64, f64, f64) {
@@ -49,7 +51,7 @@ fn parity(
         n_ctx: tokens.len(),
         n_batch,
         threads: 2,
-        cache: KvKind::parse(cache).unwrap(),
+        cache: cache.parse::<CacheKind>().unwrap(),
     };
     let mut s = Session::new(&model, sp).unwrap();
     let got = s.eval(tokens, Logits::All).unwrap();
@@ -72,11 +74,11 @@ fn smollm2_f16_matches_llama_cpp() {
     };
     let vocab = LlamaModel::load(&path, true).unwrap();
     let toks = text_tokens(&vocab, 300);
-    let (mean, _, top1) = parity(&path, "f16", CacheType::F16, &toks, 128);
+    let (mean, _, top1) = parity(&path, "f16", BlockType::F16, &toks, 128);
     assert!(mean < PARITY_KLD_MEAN_MAX && top1 > PARITY_TOP1_MIN);
 }
 
-fn assert_parity(path: &Path, cache: &str, ct: CacheType, tokens: &[i32], n_batch: usize) {
+fn assert_parity(path: &Path, cache: &str, ct: BlockType, tokens: &[i32], n_batch: usize) {
     let (mean, max, top1) = parity(path, cache, ct, tokens, n_batch);
     assert!(
         mean < PARITY_KLD_MEAN_MAX,
@@ -92,10 +94,10 @@ fn smollm2_quantized_caches_match_llama_cpp() {
     };
     let vocab = LlamaModel::load(&path, true).unwrap();
     let toks = text_tokens(&vocab, 300);
-    assert_parity(&path, "q8_0", CacheType::Q8_0, &toks, 128);
-    assert_parity(&path, "q4_0", CacheType::Q4_0, &toks, 128);
+    assert_parity(&path, "q8_0", BlockType::Q8_0, &toks, 128);
+    assert_parity(&path, "q4_0", BlockType::Q4_0, &toks, 128);
     // The rotation is what makes q4_0 llama.cpp's q4_0: without it the test above must fail.
-    let (mean, _, _) = parity(&path, "q4_0-norot", CacheType::Q4_0, &toks, 128);
+    let (mean, _, _) = parity(&path, "q4_0-norot", BlockType::Q4_0, &toks, 128);
     assert!(
         mean > 10.0 * PARITY_KLD_MEAN_MAX,
         "q4_0 without rotation: {mean}"
@@ -111,7 +113,7 @@ fn stories260k_matches_llama_cpp() {
     let text = "Once upon a time, there was a little girl named Lily. She loved to play in the park with her dog. ";
     let mut toks = vocab.tokenize(&text.repeat(20), true).unwrap();
     toks.truncate(257);
-    assert_parity(&path, "f16", CacheType::F16, &toks, 100);
+    assert_parity(&path, "f16", BlockType::F16, &toks, 100);
 }
 
 fn random_tokens(n: usize, n_vocab: usize, seed: u64) -> Vec<i32> {
@@ -122,7 +124,7 @@ fn random_tokens(n: usize, n_vocab: usize, seed: u64) -> Vec<i32> {
         .collect()
 }
 
-fn synthetic_parity(spec: SyntheticSpec, n: usize, caches: &[(&str, CacheType)]) {
+fn synthetic_parity(spec: SyntheticSpec, n: usize, caches: &[(&str, BlockType)]) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("m.gguf");
     synthetic_model(&spec).unwrap().write_to(&path).unwrap();
@@ -141,9 +143,9 @@ fn synthetic_llama_gqa_hd64_matches_llama_cpp() {
         s,
         301,
         &[
-            ("f16", CacheType::F16),
-            ("q8_0", CacheType::Q8_0),
-            ("q4_0", CacheType::Q4_0),
+            ("f16", BlockType::F16),
+            ("q8_0", BlockType::Q8_0),
+            ("q4_0", BlockType::Q4_0),
         ],
     );
 }
@@ -162,7 +164,7 @@ fn synthetic_qwen2_hd128_matches_llama_cpp() {
     synthetic_parity(
         s,
         203,
-        &[("f16", CacheType::F16), ("q4_0", CacheType::Q4_0)],
+        &[("f16", BlockType::F16), ("q4_0", BlockType::Q4_0)],
     );
 }
 
@@ -178,7 +180,7 @@ fn qwen2_real_mixed_quant_file_matches_llama_cpp_exactly() {
     };
     let vocab = LlamaModel::load(&path, true).unwrap();
     let toks = text_tokens(&vocab, 160);
-    for (cache, ct) in [("f16", CacheType::F16), ("q4_0", CacheType::Q4_0)] {
+    for (cache, ct) in [("f16", BlockType::F16), ("q4_0", BlockType::Q4_0)] {
         let (mean, max, top1) = parity(&path, cache, ct, &toks, 64);
         assert_eq!((mean, max, top1), (0.0, 0.0, 1.0), "{cache}");
     }

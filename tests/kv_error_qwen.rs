@@ -31,7 +31,7 @@ fn recommended_preset_holds_on_real_outlier_channel_kv() {
     let d = KvDump::from_captured(cap, name.into(), String::new());
     let caches: Vec<(String, CacheKind)> = ["recommended", "ott3a", "ottk4v2", "ott3c"]
         .iter()
-        .map(|c| (c.to_string(), CacheKind::parse(c).unwrap()))
+        .map(|c| (c.to_string(), c.parse::<CacheKind>().unwrap()))
         .collect();
     let r = kv_error(&d, &caches, 2, |_, _| {}).unwrap();
     let err = |name: &str| {

@@ -36,7 +36,7 @@ fn outlier_pool_beats_ablation_and_kivi_on_real_kv() {
     let d = KvDump::from_captured(cap, "smollm2".into(), String::new());
     let caches: Vec<(String, CacheKind)> = ["ott2", "ott2-p0", "kivi2"]
         .iter()
-        .map(|c| (c.to_string(), CacheKind::parse(c).unwrap()))
+        .map(|c| (c.to_string(), c.parse::<CacheKind>().unwrap()))
         .collect();
     let r = kv_error(&d, &caches, 2, |_, _| {}).unwrap();
     let err = |name: &str| {

@@ -2,7 +2,8 @@
 
 mod common;
 
-use ottkv::llama::{CacheType, LlamaContext, LlamaContextParams, LlamaModel};
+use ottkv::kind::BlockType;
+use ottkv::llama::{LlamaContext, LlamaContextParams, LlamaModel};
 
 fn argmax(row: &[f32]) -> usize {
     row.iter()
@@ -61,8 +62,8 @@ fn stories260k_decodes_and_clears() {
     assert_eq!(l, ctx.decode_all_logits(&toks).unwrap());
     // head_dim 8 is smaller than a q8_0 block (32): llama.cpp refuses, and we get an error.
     let q = LlamaContextParams {
-        cache_k: CacheType::Q8_0,
-        cache_v: CacheType::Q8_0,
+        cache_k: BlockType::Q8_0,
+        cache_v: BlockType::Q8_0,
         ..p
     };
     assert!(LlamaContext::new(&model, &q).is_err());

@@ -3,7 +3,7 @@
 use crate::error::{Error, Result};
 use crate::eval::bench::{run_bench, BenchSettings};
 use crate::eval::memory::peak_rss_bytes;
-use crate::eval::runner::RowSpec;
+use crate::kind::{parse_rows, CacheRow};
 use crate::llama::LlamaModel;
 use crate::model::Model;
 use std::path::PathBuf;
@@ -20,7 +20,7 @@ pub struct Args {
         long,
         default_value = "llama:f16,llama:q8_0,llama:q4_0,f16,q4_0,ott2,ottk4v2"
     )]
-    cache: String,
+    cache: Vec<String>,
     /// Tokens decoded one at a time after the prompt.
     #[arg(long, default_value_t = 32, value_parser = super::parse_positive)]
     n_decode: usize,
@@ -44,10 +44,7 @@ pub fn run(a: &Args) -> Result<()> {
             "--ctx, --reps and --n-decode must be non-empty / positive".into(),
         ));
     }
-    let rows = super::split_cache_list(&a.cache)
-        .iter()
-        .map(|r| RowSpec::parse(r))
-        .collect::<Result<Vec<_>>>()?;
+    let rows: Vec<CacheRow> = parse_rows(&a.cache)?.into_iter().map(|(_, r)| r).collect();
     let llama = LlamaModel::load(&a.model, false)?;
     let ours = Model::load(&a.model)?;
     let need = a.ctx.iter().max().copied().unwrap_or(0) + a.n_decode;

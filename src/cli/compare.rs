@@ -5,7 +5,7 @@
 use crate::error::{Error, Result};
 use crate::eval::compare::{run_rows, Progress, RowResult, RunSettings};
 use crate::eval::perplexity::chunks;
-use crate::eval::runner::RowSpec;
+use crate::kind::{parse_rows, CacheRow};
 use crate::llama::LlamaModel;
 use crate::model::Model;
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
@@ -39,10 +39,11 @@ pub struct CommonArgs {
 pub struct PerplexityArgs {
     #[command(flatten)]
     common: CommonArgs,
-    /// Comma-separated rows: `llama:<f16|q8_0|q4_0|q2_0>` runs llama.cpp itself; plain names
-    /// (f16, q8_0, q4_0, ott2, kivi2, specs like `ott2:k=3,g=64`) run our engine.
+    /// Rows, separated by `;` (or commas) or given as repeated `--cache`:
+    /// `llama:<f16|q8_0|q4_0|q2_0>` runs llama.cpp itself; plain names (f16, q8_0, q4_0, ott2,
+    /// recommended, specs like `ott2:k=3,g=64`) run our engine.
     #[arg(long, default_value = "f16")]
-    cache: String,
+    cache: Vec<String>,
 }
 
 #[derive(clap::Args)]
@@ -51,7 +52,7 @@ pub struct CompareArgs {
     common: CommonArgs,
     /// Rows as for `perplexity`; the first is the reference for ΔPPL and KLD.
     #[arg(long, default_value = COMPARE_ROWS)]
-    cache: String,
+    cache: Vec<String>,
     /// Write the results as JSON.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -105,16 +106,10 @@ fn install_stop() -> Arc<AtomicBool> {
 
 fn run(
     a: &CommonArgs,
-    rows: &str,
+    rows: &[String],
     with_reference: bool,
-) -> Result<(Prepared, Vec<RowSpec>, Vec<RowResult>)> {
-    let specs = super::split_cache_list(rows)
-        .iter()
-        .map(|r| RowSpec::parse(r))
-        .collect::<Result<Vec<_>>>()?;
-    if specs.is_empty() {
-        return Err(Error::InvalidArgument("no cache rows given".into()));
-    }
+) -> Result<(Prepared, Vec<CacheRow>, Vec<RowResult>)> {
+    let specs: Vec<CacheRow> = parse_rows(rows)?.into_iter().map(|(_, r)| r).collect();
     let p = prepare(a)?;
     let stop = install_stop();
     let settings = RunSettings {

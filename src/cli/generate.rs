@@ -2,9 +2,10 @@
 
 use crate::error::{Error, Result};
 use crate::eval::memory::peak_rss_bytes;
+use crate::kind::CacheKind;
 use crate::llama::LlamaModel;
 use crate::model::sample::Sampler;
-use crate::model::{KvKind, Logits, Model, Session, SessionParams};
+use crate::model::{Logits, Model, Session, SessionParams};
 use std::io::Write;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -71,7 +72,7 @@ pub fn run(a: &Args) -> Result<()> {
         });
     }
     let n_ctx = a.ctx_size.min(prompt.len() + a.n_predict);
-    let kind = KvKind::parse(&a.cache)?;
+    let kind: CacheKind = a.cache.parse()?;
     let mut s = Session::new(
         &model,
         SessionParams {

@@ -3,6 +3,7 @@
 use crate::error::{Error, Result};
 use crate::eval::kv_error::{kv_error, CacheKind, DEFAULT_CACHES};
 use crate::eval::kvdump::KvDump;
+use crate::kind::parse_rows;
 use std::io::Write;
 use std::path::PathBuf;
 
@@ -13,11 +14,11 @@ pub struct Args {
     /// Write the full report (per layer too) as JSON.
     #[arg(long)]
     json: Option<PathBuf>,
-    /// Comma-separated cache types: f16, q8_0, q4_0 (rotated as llama.cpp), q8_0-norot,
-    /// q4_0-norot, OTT presets (ott2, ott2-p0, ottk4v2, kivi2, ott4, kivi4, ...) or specs
-    /// like `ott:k=3,v=2,g=64`.
-    #[arg(long, default_value_t = DEFAULT_CACHES.join(","))]
-    caches: String,
+    /// Cache types, separated by `;` (or commas) or given as repeated `--caches`: f16, q8_0,
+    /// q4_0 (rotated as llama.cpp), q8_0-norot, q4_0-norot, OTT presets (ott2, ott2-p0,
+    /// ottk4v2, kivi2, ott4, kivi4, recommended, ...) or specs like `ott:k=3,v=2,g=64`.
+    #[arg(long, default_values_t = [DEFAULT_CACHES.join(",")])]
+    caches: Vec<String>,
     /// Print the per-layer attention error too.
     #[arg(long)]
     per_layer: bool,
@@ -27,10 +28,7 @@ pub struct Args {
 
 pub fn run(a: &Args) -> Result<()> {
     let d = KvDump::read(&a.dump)?;
-    let caches = super::split_cache_list(&a.caches)
-        .iter()
-        .map(|c| Ok((c.clone(), CacheKind::parse(c)?)))
-        .collect::<Result<Vec<_>>>()?;
+    let caches: Vec<(String, CacheKind)> = parse_rows(&a.caches)?;
     let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let n_layer = d.n_layer;
     let report = kv_error(&d, &caches, a.threads, |c, l| {

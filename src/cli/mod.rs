@@ -127,32 +127,4 @@ pub(crate) fn sha256_hex(bytes: &[u8]) -> String {
         .collect()
 }
 
-/// Splits a comma-separated list of cache names where a spec string's own `key=value` fields
-/// also use commas: a part with `=` and no `:` continues the previous spec.
-pub(crate) fn split_cache_list(list: &str) -> Vec<String> {
-    let mut out: Vec<String> = Vec::new();
-    for part in list.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-        match out.last_mut() {
-            Some(prev) if part.contains('=') && !part.contains(':') && prev.contains(':') => {
-                prev.push(',');
-                prev.push_str(part);
-            }
-            _ => out.push(part.to_string()),
-        }
-    }
-    out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::split_cache_list;
-
-    #[test]
-    fn cache_lists_keep_spec_fields_together() {
-        assert_eq!(
-            split_cache_list("f16,ott2:k=3,v=2,g=64,q4_0, kivi2 ,ott:p=0"),
-            ["f16", "ott2:k=3,v=2,g=64", "q4_0", "kivi2", "ott:p=0"]
-        );
-        assert!(split_cache_list(" , ").is_empty());
-    }
-}
+pub(crate) use crate::kind::split_cache_list;

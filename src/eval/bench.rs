@@ -1,8 +1,9 @@
 //! Prompt and decode speed at several filled contexts, for llama.cpp's caches and ours, runs
 //! interleaved (row by row within each repetition) so machine noise hits all rows alike.
 
-use super::runner::{make_runner, Engine, RowSpec};
+use super::runner::make_runner;
 use crate::error::Result;
+use crate::kind::{CacheRow, Engine};
 use crate::llama::LlamaModel;
 use crate::model::Model;
 use serde::Serialize;
@@ -49,7 +50,7 @@ fn median(v: &[f64]) -> f64 {
 pub fn run_bench(
     llama: &LlamaModel,
     ours: &Model,
-    rows: &[RowSpec],
+    rows: &[CacheRow],
     tokens: &[i32],
     s: &BenchSettings,
     mut progress: impl FnMut(&str),
@@ -97,7 +98,7 @@ pub fn run_bench(
             }
             out.push(BenchResult {
                 engine: r.engine,
-                cache: r.cache.clone(),
+                cache: r.name.clone(),
                 ctx,
                 prompt_tok_s: median(&prompt[i]),
                 decode_tok_s: median(&decode[i]),

@@ -2,8 +2,9 @@
 //! row's logits for a chunk are only held while the other rows are scored against them.
 
 use super::perplexity::{first_scored, Scores, Summary};
-use super::runner::{make_runner, Engine, RowSpec};
+use super::runner::make_runner;
 use crate::error::Result;
+use crate::kind::{CacheKind, CacheRow, Engine};
 use crate::llama::LlamaModel;
 use crate::model::Model;
 use serde::Serialize;
@@ -57,7 +58,7 @@ pub struct RunSettings<'a> {
 /// Events for progress display.
 pub enum Progress<'a> {
     Start {
-        rows: &'a [RowSpec],
+        rows: &'a [CacheRow],
         chunks: usize,
     },
     RowChunkDone {
@@ -76,7 +77,7 @@ pub enum Progress<'a> {
 pub fn run_rows(
     llama: &LlamaModel,
     ours: &Model,
-    rows: &[RowSpec],
+    rows: &[CacheRow],
     chunks: &[Vec<i32>],
     s: &RunSettings<'_>,
     mut progress: impl FnMut(Progress<'_>),
@@ -151,9 +152,9 @@ pub fn run_rows(
         let bpt = bytes[ri] as f64 / s.n_ctx as f64;
         out.push(RowResult {
             engine: r.engine,
-            cache: r.cache.clone(),
-            resolved: match (r.engine, crate::model::KvKind::parse(&r.cache)) {
-                (Engine::Ours, Ok(crate::model::KvKind::Ott(c))) => Some(c.to_string()),
+            cache: r.name.clone(),
+            resolved: match (r.engine, &r.kind) {
+                (Engine::Ours, CacheKind::Ott(c)) => Some(c.to_string()),
                 _ => None,
             },
             ppl: m.ppl,

@@ -9,6 +9,8 @@ use crate::cache::{CacheConfig, CacheShape, OttCache};
 use crate::error::{Error, Result};
 use crate::ggml::{quantize::roundtrip, sys};
 use crate::gguf::GgmlType;
+use crate::kind::BlockType;
+pub use crate::kind::CacheKind;
 use crate::quant::hadamard_blocks;
 use serde::Serialize;
 
@@ -16,34 +18,6 @@ use serde::Serialize;
 pub const DEFAULT_CACHES: &[&str] = &[
     "f16", "q8_0", "q4_0", "ott2", "ott2-p0", "ottk4v2", "kivi2", "ott4", "kivi4",
 ];
-
-/// A cache under test.
-#[derive(Clone, Debug)]
-pub enum CacheKind {
-    /// Plain f16 (the dump is already f16: zero error, the size anchor).
-    F16,
-    /// llama.cpp's block type through ggml's own quantizer; `rotate` as llama.cpp does by
-    /// default (Hadamard over 64-channel blocks of V and the largest power-of-two blocks of K).
-    Ggml { ty: sys::ggml_type, rotate: bool },
-    /// Our cache.
-    Ott(CacheConfig),
-}
-
-impl CacheKind {
-    /// `f16`, `q8_0`, `q4_0` (rotated as llama.cpp), `q8_0-norot`, `q4_0-norot`, or any OTT
-    /// preset / spec string.
-    pub fn parse(name: &str) -> Result<Self> {
-        let ggml = |ty, rotate| Ok(CacheKind::Ggml { ty, rotate });
-        match name {
-            "f16" => Ok(CacheKind::F16),
-            "q8_0" => ggml(sys::GGML_TYPE_Q8_0, true),
-            "q4_0" => ggml(sys::GGML_TYPE_Q4_0, true),
-            "q8_0-norot" => ggml(sys::GGML_TYPE_Q8_0, false),
-            "q4_0-norot" => ggml(sys::GGML_TYPE_Q4_0, false),
-            spec => Ok(CacheKind::Ott(spec.parse::<CacheConfig>()?)),
-        }
-    }
-}
 
 #[derive(Serialize, Clone, Debug)]
 pub struct LayerError {
@@ -106,12 +80,14 @@ pub fn kv_error(
     let mut results = Vec::new();
     for (name, kind) in caches {
         let r = match kind {
-            CacheKind::F16 => simulate_plain(d, &exact, name, None, threads, &mut progress)?,
-            CacheKind::Ggml { ty, rotate } => simulate_plain(
+            CacheKind::Block {
+                ty: BlockType::F16, ..
+            } => simulate_plain(d, &exact, name, None, threads, &mut progress)?,
+            CacheKind::Block { ty, rotate } => simulate_plain(
                 d,
                 &exact,
                 name,
-                Some((*ty, *rotate)),
+                Some((ty.ggml_type(), *rotate)),
                 threads,
                 &mut progress,
             )?,
@@ -178,7 +154,7 @@ fn simulate_plain(
     d: &KvDump,
     exact: &[Vec<f32>],
     name: &str,
-    ggml: Option<(sys::ggml_type, bool)>,
+    ggml: Option<(GgmlType, bool)>,
     threads: usize,
     progress: &mut impl FnMut(&str, usize),
 ) -> Result<CacheError> {
@@ -191,8 +167,7 @@ fn simulate_plain(
         let (k, v) = match ggml {
             None => (d.k[l].clone(), d.v[l].clone()),
             Some((ty, rotate)) => {
-                let t = GgmlType::from_id(ty)
-                    .ok_or_else(|| Error::Ggml(format!("unknown ggml type {ty}")))?;
+                let t = ty;
                 let (blck, tsize) = (t.block_size() as usize, t.type_size() as usize);
                 if hd % blck != 0 {
                     return Err(Error::InvalidArgument(format!(
@@ -206,8 +181,8 @@ fn simulate_plain(
                     (0, 0)
                 };
                 (
-                    ggml_roundtrip(ty, &d.k[l], rk)?,
-                    ggml_roundtrip(ty, &d.v[l], rv)?,
+                    ggml_roundtrip(ty.id() as sys::ggml_type, &d.k[l], rk)?,
+                    ggml_roundtrip(ty.id() as sys::ggml_type, &d.v[l], rv)?,
                 )
             }
         };

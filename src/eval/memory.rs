@@ -17,9 +17,10 @@ fn status_kib(field: &str) -> Option<u64> {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
-use crate::cache::{expected_memory, CacheConfig, CacheShape};
+use crate::cache::{expected_memory, CacheShape};
 use crate::error::Result;
 use crate::gguf::ModelHparams;
+use crate::kind::CacheKind;
 
 /// The cache types `ottkv inspect` sizes.
 pub const INSPECT_CACHES: &[&str] = &["f16", "q8_0", "q4_0", "ott2"];
@@ -29,14 +30,12 @@ pub const INSPECT_CACHES: &[&str] = &["f16", "q8_0", "q4_0", "ott2"];
 pub fn kv_bytes_per_token(cache: &str, h: &ModelHparams, n_tokens: usize) -> Result<f64> {
     let per_token_elems =
         h.n_layer as f64 * h.n_head_kv as f64 * (h.head_dim_k + h.head_dim_v) as f64;
-    // (bytes per block, elements per block) as ggml defines them.
-    let ggml = |bytes: f64, elems: f64| per_token_elems * bytes / elems;
-    Ok(match cache {
-        "f16" => ggml(2.0, 1.0),
-        "q8_0" => ggml(34.0, 32.0),
-        "q4_0" => ggml(18.0, 32.0),
-        name => {
-            let cfg: CacheConfig = name.parse()?;
+    Ok(match cache.parse::<CacheKind>()? {
+        CacheKind::Block { ty, .. } => {
+            let t = ty.ggml_type();
+            per_token_elems * t.type_size() as f64 / t.block_size() as f64
+        }
+        CacheKind::Ott(cfg) => {
             let shape = CacheShape {
                 n_layer: h.n_layer as usize,
                 n_head_kv: h.n_head_kv as usize,

@@ -2,101 +2,10 @@
 //! produce the logits of a chunk of tokens from an empty cache.
 
 use crate::error::{Error, Result};
-use crate::llama::{CacheType, LlamaContext, LlamaContextParams, LlamaModel};
-use crate::model::{KvKind, Logits, Model, Session, SessionParams};
-
-/// Which engine runs a row.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
-pub enum Engine {
-    #[serde(rename = "llama.cpp")]
-    Llama,
-    #[serde(rename = "ottkv")]
-    Ours,
-}
-
-impl Engine {
-    pub fn name(self) -> &'static str {
-        match self {
-            Engine::Llama => "llama.cpp",
-            Engine::Ours => "ottkv",
-        }
-    }
-}
-
-/// An engine + cache pair, parsed from `llama.cpp:q4_0` / `llama:q4_0` (llama.cpp's own cache)
-/// or a plain cache name (ours).
-#[derive(Clone, Debug)]
-pub struct RowSpec {
-    pub engine: Engine,
-    pub cache: String,
-}
-
-impl RowSpec {
-    pub fn parse(s: &str) -> Result<Self> {
-        let s = s.trim();
-        for prefix in ["llama.cpp:", "llama:"] {
-            if let Some(c) = s.strip_prefix(prefix) {
-                CacheType::parse(c).ok_or_else(|| {
-                    Error::InvalidArgument(format!(
-                        "llama.cpp cache types are f16, q8_0, q4_0, q2_0; not {c:?}"
-                    ))
-                })?;
-                return Ok(RowSpec {
-                    engine: Engine::Llama,
-                    cache: c.to_string(),
-                });
-            }
-        }
-        KvKind::parse(s)?;
-        Ok(RowSpec {
-            engine: Engine::Ours,
-            cache: s.to_string(),
-        })
-    }
-
-    pub fn label(&self) -> String {
-        format!("{} {}", self.engine.name(), self.cache)
-    }
-
-    /// KV bits per cached element (K and V, all layers) this row allocates for a sequence of
-    /// `n_tokens` tokens, from the closed forms: ggml caches pad to 256 cells as llama.cpp
-    /// does; ours is `expected_memory`, which equals what the cache reports (tested).
-    pub fn bits_at(&self, hp: &crate::gguf::ModelHparams, n_tokens: usize) -> Result<f64> {
-        let elems = 2.0 * hp.n_layer as f64 * hp.n_head_kv as f64 * hp.head_dim_k as f64;
-        let padded = |bytes: f64, blck: f64| {
-            let cells = n_tokens.div_ceil(256) * 256;
-            8.0 * bytes / blck * cells as f64 / n_tokens as f64
-        };
-        let ggml =
-            |ty: crate::gguf::GgmlType| padded(ty.type_size() as f64, ty.block_size() as f64);
-        if n_tokens == 0 {
-            return Err(Error::InvalidArgument("bits_at: zero tokens".into()));
-        }
-        let ty_of = |id: u32| {
-            crate::gguf::GgmlType::from_id(id)
-                .ok_or_else(|| Error::InvalidArgument(format!("ggml type {id} unknown")))
-        };
-        Ok(match self.engine {
-            Engine::Llama => {
-                let ct = CacheType::parse(&self.cache).expect("validated by RowSpec::parse");
-                ggml(ty_of(ct.ggml_type())?)
-            }
-            Engine::Ours => match KvKind::parse(&self.cache)? {
-                KvKind::Ggml { ty, .. } => ggml(ty_of(ty)?),
-                KvKind::Ott(c) => {
-                    let shape = crate::cache::CacheShape {
-                        n_layer: hp.n_layer as usize,
-                        n_head_kv: hp.n_head_kv as usize,
-                        head_dim: hp.head_dim_k as usize,
-                        max_tokens: n_tokens,
-                    };
-                    let m = crate::cache::expected_memory(&c, &shape, n_tokens)?;
-                    m.total as f64 * 8.0 / (elems * n_tokens as f64)
-                }
-            },
-        })
-    }
-}
+use crate::kind::CacheKind;
+pub use crate::kind::{CacheRow, Engine};
+use crate::llama::{LlamaContext, LlamaContextParams, LlamaModel};
+use crate::model::{Logits, Model, Session, SessionParams};
 
 /// Produces the logits of `[first, n)` of a chunk of n tokens, decoded from an empty cache.
 pub trait ChunkRunner {
@@ -170,7 +79,7 @@ impl ChunkRunner for OurRunner<'_> {
 
 /// Builds the runner of a row for chunks of `n_ctx` tokens.
 pub fn make_runner<'m>(
-    spec: &RowSpec,
+    spec: &CacheRow,
     llama: &'m LlamaModel,
     ours: &'m Model,
     n_ctx: usize,
@@ -180,7 +89,15 @@ pub fn make_runner<'m>(
     let n_vocab = llama.n_vocab();
     match spec.engine {
         Engine::Llama => {
-            let ct = CacheType::parse(&spec.cache).expect("validated by RowSpec::parse");
+            let ct = match spec.kind {
+                CacheKind::Block { ty, .. } => ty,
+                CacheKind::Ott(_) => {
+                    return Err(Error::InvalidArgument(format!(
+                        "{}: llama.cpp does not run our cache",
+                        spec.label()
+                    )))
+                }
+            };
             let p = LlamaContextParams {
                 n_ctx: n_ctx as u32,
                 n_batch: n_batch as u32,
@@ -192,15 +109,8 @@ pub fn make_runner<'m>(
             let hp = &ours.hparams;
             // llama.cpp allocates cells for n_ctx rounded up to 256; per token, K and V.
             let elems = 2.0 * hp.n_layer as f64 * hp.n_head_kv as f64 * hp.head_dim_k as f64;
-            let (bytes, blck) = match ct {
-                CacheType::F16 => (2.0, 1.0),
-                CacheType::Q8_0 => (34.0, 32.0),
-                CacheType::Q4_0 => (18.0, 32.0),
-                CacheType::Q2_0 => (
-                    crate::gguf::GgmlType::Q2_0.type_size() as f64,
-                    crate::gguf::GgmlType::Q2_0.block_size() as f64,
-                ),
-            };
+            let t = ct.ggml_type();
+            let (bytes, blck) = (t.type_size() as f64, t.block_size() as f64);
             let cells = n_ctx.div_ceil(256) * 256;
             Ok(Box::new(LlamaRunner {
                 ctx,
@@ -214,7 +124,7 @@ pub fn make_runner<'m>(
                 n_ctx,
                 n_batch,
                 threads,
-                cache: KvKind::parse(&spec.cache)?,
+                cache: spec.kind.clone(),
             };
             Ok(Box::new(OurRunner {
                 s: Session::new(ours, sp)?,

@@ -3,50 +3,16 @@
 use super::model::{LlamaModel, Token};
 use crate::error::{Error, Result};
 use crate::ggml::sys;
+use crate::kind::BlockType;
 use std::ptr::NonNull;
-
-/// llama.cpp's KV-cache element types that the baseline runs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum CacheType {
-    F16,
-    Q8_0,
-    Q4_0,
-    Q2_0,
-}
-
-impl CacheType {
-    pub fn ggml_type(self) -> sys::ggml_type {
-        match self {
-            CacheType::F16 => sys::GGML_TYPE_F16,
-            CacheType::Q8_0 => sys::GGML_TYPE_Q8_0,
-            CacheType::Q4_0 => sys::GGML_TYPE_Q4_0,
-            CacheType::Q2_0 => sys::GGML_TYPE_Q2_0,
-        }
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            CacheType::F16 => "f16",
-            CacheType::Q8_0 => "q8_0",
-            CacheType::Q4_0 => "q4_0",
-            CacheType::Q2_0 => "q2_0",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Self> {
-        [Self::F16, Self::Q8_0, Self::Q4_0, Self::Q2_0]
-            .into_iter()
-            .find(|t| t.name() == s)
-    }
-}
 
 #[derive(Clone, Debug)]
 pub struct LlamaContextParams {
     pub n_ctx: u32,
     pub n_batch: u32,
     pub threads: usize,
-    pub cache_k: CacheType,
-    pub cache_v: CacheType,
+    pub cache_k: BlockType,
+    pub cache_v: BlockType,
 }
 
 impl Default for LlamaContextParams {
@@ -55,8 +21,8 @@ impl Default for LlamaContextParams {
             n_ctx: 512,
             n_batch: 512,
             threads: 2,
-            cache_k: CacheType::F16,
-            cache_v: CacheType::F16,
+            cache_k: BlockType::F16,
+            cache_v: BlockType::F16,
         }
     }
 }
@@ -101,8 +67,8 @@ impl<'m> LlamaContext<'m> {
         cp.n_threads = threads;
         cp.n_threads_batch = threads;
         cp.flash_attn_type = sys::LLAMA_FLASH_ATTN_TYPE_ENABLED;
-        cp.type_k = p.cache_k.ggml_type();
-        cp.type_v = p.cache_v.ggml_type();
+        cp.type_k = p.cache_k.ggml_type().id() as sys::ggml_type;
+        cp.type_v = p.cache_v.ggml_type().id() as sys::ggml_type;
         cp.no_perf = true;
         cp.cb_eval = cb;
         cp.cb_eval_user_data = user_data;

@@ -7,7 +7,7 @@ mod context;
 mod model;
 
 pub use capture::{capture_qkv, Captured};
-pub use context::{CacheType, LlamaContext, LlamaContextParams};
+pub use context::{LlamaContext, LlamaContextParams};
 pub use model::{LlamaModel, Token};
 
 use crate::ggml::sys;

@@ -2,49 +2,14 @@
 //! `ggml_set_rows`, read by `ggml_flash_attn_ext`, as llama.cpp does), or our OTT cache as a
 //! pair of custom ops (cache write on one thread, then attention on all of them).
 
-use crate::cache::{CacheConfig, CacheShape, OttCache};
+use crate::cache::{CacheShape, OttCache};
 use crate::error::{Error, Result};
 use crate::ggml::{sys, Context, CustomOp, Graph, Tensor};
 use crate::gguf::ModelHparams;
+use crate::kind::CacheKind;
 use half::f16;
 use std::ops::Range;
 use std::sync::{Mutex, RwLock};
-
-/// A cache type chosen by name.
-#[derive(Clone, Debug)]
-pub enum KvKind {
-    /// ggml block type (`f16`, `q8_0`, `q4_0`, `q2_0`); `rotate`: llama.cpp's Hadamard
-    /// rotation of quantized caches (on by default, as in llama.cpp; `-norot` turns it off).
-    Ggml { ty: sys::ggml_type, rotate: bool },
-    /// Our cache: any preset or spec string.
-    Ott(CacheConfig),
-}
-
-impl KvKind {
-    pub fn parse(name: &str) -> Result<Self> {
-        let (base, rotate) = match name.strip_suffix("-norot") {
-            Some(b) => (b, false),
-            None => (name, true),
-        };
-        let ty = match base {
-            "f16" => Some(sys::GGML_TYPE_F16),
-            "q8_0" => Some(sys::GGML_TYPE_Q8_0),
-            "q4_0" => Some(sys::GGML_TYPE_Q4_0),
-            "q2_0" => Some(sys::GGML_TYPE_Q2_0),
-            _ => None,
-        };
-        match ty {
-            Some(ty) => Ok(KvKind::Ggml {
-                ty,
-                rotate: rotate && ty != sys::GGML_TYPE_F16,
-            }),
-            None if !rotate => Err(Error::InvalidArgument(format!(
-                "-norot applies to ggml cache types, not {base}"
-            ))),
-            None => Ok(KvKind::Ott(name.parse::<CacheConfig>()?)),
-        }
-    }
-}
 
 /// Per-graph inputs the cache needs filled after allocation.
 pub(crate) struct KvInputs<'c> {
@@ -240,10 +205,15 @@ pub(crate) enum Kv {
 }
 
 impl Kv {
-    pub fn new(kind: &KvKind, hp: &ModelHparams, n_ctx: usize) -> Result<Self> {
+    pub fn new(kind: &CacheKind, hp: &ModelHparams, n_ctx: usize) -> Result<Self> {
         match kind {
-            KvKind::Ggml { ty, rotate } => Ok(Kv::Ggml(GgmlKv::new(hp, *ty, *rotate, n_ctx)?)),
-            KvKind::Ott(cfg) => {
+            CacheKind::Block { ty, rotate } => Ok(Kv::Ggml(GgmlKv::new(
+                hp,
+                ty.ggml_type().id() as sys::ggml_type,
+                *rotate,
+                n_ctx,
+            )?)),
+            CacheKind::Ott(cfg) => {
                 let shape = CacheShape {
                     n_layer: hp.n_layer as usize,
                     n_head_kv: hp.n_head_kv as usize,

@@ -8,7 +8,7 @@ pub mod session;
 pub mod synthetic;
 pub mod weights;
 
+pub use crate::kind::CacheKind;
 pub use check::{check_model, CheckedModel};
-pub use kv::KvKind;
 pub use session::{Logits, Session, SessionParams};
 pub use weights::{Arch, Model};

@@ -2,10 +2,11 @@
 //! (sub-)batch: embeddings → per layer [RMSNorm, Q/K/V (+bias), RoPE, cache write +
 //! attention, output projection, residual, RMSNorm, SwiGLU FFN, residual] → norm → logits.
 
-use super::kv::{Kv, KvKind};
+use super::kv::Kv;
 use super::weights::{Arch, Model, W};
 use crate::error::{Error, Result};
 use crate::ggml::{sys, Context, GraphAllocator, RopeMode, RopeParams, Tensor, GRAPH_NODES};
+use crate::kind::CacheKind;
 
 /// Settings of a decoding session.
 #[derive(Clone, Debug)]
@@ -15,7 +16,7 @@ pub struct SessionParams {
     /// Most tokens computed in one graph.
     pub n_batch: usize,
     pub threads: usize,
-    pub cache: KvKind,
+    pub cache: CacheKind,
 }
 
 /// Which logits `eval` returns.
