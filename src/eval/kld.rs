@@ -18,16 +18,7 @@ pub fn kl_divergence(p_logits: &[f32], q_logits: &[f32]) -> f64 {
         .max(0.0)
 }
 
-/// Index of the largest logit (first on ties).
-pub fn argmax(row: &[f32]) -> usize {
-    let mut best = 0;
-    for (i, &x) in row.iter().enumerate() {
-        if x > row[best] {
-            best = i;
-        }
-    }
-    best
-}
+pub use crate::model::argmax;
 
 /// Per-row KL divergences and top-1 agreement of two `[rows][n_vocab]` logit matrices.
 pub fn compare_rows(reference: &[f32], other: &[f32], n_vocab: usize) -> (Vec<f64>, f64) {

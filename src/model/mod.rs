@@ -10,5 +10,6 @@ pub mod weights;
 
 pub use crate::kind::CacheKind;
 pub use check::{check_model, CheckedModel};
+pub use sample::argmax;
 pub use session::{Logits, Session, SessionParams};
 pub use weights::{Arch, Model};

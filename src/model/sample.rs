@@ -1,5 +1,17 @@
 //! Choosing the next token from logits: greedy, or temperature with top-k / top-p.
 
+/// Index of the largest logit (first on ties): greedy decoding, and top-1 agreement in the
+/// measurements.
+pub fn argmax(row: &[f32]) -> usize {
+    let mut best = 0;
+    for (i, &x) in row.iter().enumerate() {
+        if x > row[best] {
+            best = i;
+        }
+    }
+    best
+}
+
 /// Sampling settings; `temp <= 0` is greedy.
 #[derive(Clone, Debug)]
 pub struct Sampler {
@@ -31,7 +43,7 @@ impl Sampler {
     /// The next token for one row of logits.
     pub fn sample(&mut self, logits: &[f32]) -> usize {
         if self.temp <= 0.0 || logits.len() < 2 {
-            return crate::eval::kld::argmax(logits);
+            return argmax(logits);
         }
         let mut idx: Vec<usize> = (0..logits.len()).collect();
         idx.sort_unstable_by(|&a, &b| logits[b].total_cmp(&logits[a]));
