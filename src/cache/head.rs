@@ -590,7 +590,9 @@ impl HeadCache {
     /// [`super::probe`]).
     fn rotation_serves_queries(&self, qs: &Queries) -> Result<bool, CacheError> {
         let (hd, g) = (self.head_dim(), self.group());
-        let n = self.probe_positions().min(self.window_len());
+        // The window holds R + G tokens here; the queries read up to R + G − 1 of them, and the
+        // group itself is G (more than the queries read when R = 0).
+        let n = self.probe_positions().max(g).min(self.window_len());
         let mut k = vec![0f32; n * hd]; // [n][head_dim], plain
         let mut v = vec![0f32; n * hd]; // stored form: the error's norm does not mind
         self.win_k.to_f32(0, n, &mut k);
