@@ -1,12 +1,20 @@
-//! Tiny PNG chart renderer for evaluation reports: scatter plots with a label
-//! beside every point, and line charts with markers and a legend.
+//! PNG charts for evaluation reports: scatter plots with a label beside every
+//! point, and line charts with markers and a legend, drawn with `plotters`.
 //!
-//! It exists so that quality and speed results can be turned into pictures
-//! without pulling a plotting stack (fontconfig, freetype, cairo) into a crate
-//! that already builds llama.cpp; the only dependency is `png`. Text uses a
-//! built-in 5x7 bitmap font, so a chart renders identically on every machine.
+//! Text is set in DejaVu Sans, embedded in the crate (`assets/fonts`, with its
+//! licence), so a chart renders the same on a machine with no fonts installed
+//! and no fontconfig. Ticks come from this module rather than plotters': its
+//! log axis labels only powers of ten and their multiples above the first
+//! one, which leaves a range inside one decade (a typical KLD spread) bare.
 
+use plotters::coord::ranged1d::{KeyPointHint, NoDefaultFormatting, Ranged, ValueFormatter};
+use plotters::coord::Shift;
+use plotters::element::{Drawable, PointCollection};
+use plotters::prelude::*;
+use plotters_backend::{BackendCoord, DrawingErrorKind};
+use std::ops::Range;
 use std::path::Path;
+use std::sync::OnceLock;
 
 /// Output size in pixels; fixed so that charts from different runs line up
 /// side by side in a report.
@@ -45,8 +53,21 @@ pub enum PlotError {
     Io(#[from] std::io::Error),
     #[error("encoding chart as PNG: {0}")]
     Png(String),
-    #[error("nothing to plot: every value is non-finite, or non-positive on a log axis")]
+    #[error("drawing chart: {0}")]
+    Draw(String),
+    #[error("the embedded chart font could not be loaded")]
+    Font,
+    #[error(
+        "nothing to plot: every value is non-finite or beyond 1e300, or non-positive on a log axis"
+    )]
     NoData,
+}
+
+// The backend is an in-memory buffer, so its errors only carry a message.
+impl<E: std::error::Error + Send + Sync> From<DrawingAreaErrorKind<E>> for PlotError {
+    fn from(e: DrawingAreaErrorKind<E>) -> Self {
+        PlotError::Draw(e.to_string())
+    }
 }
 
 /// Scatter plot, one labelled point per entry (label drawn next to the
@@ -68,37 +89,36 @@ pub fn scatter_png(points: &[Point], axes: &Axes, path: &Path) -> Result<(), Plo
     let xs = Scale::fit(&xv, axes.log_x);
     let ys = Scale::fit(&yv, axes.log_y);
 
-    let mut c = Canvas::new(WIDTH as i32, HEIGHT as i32);
-    let plot = draw_frame(&mut c, axes, &xs, &ys);
-    let at: Vec<(f64, f64)> = kept
-        .iter()
-        .map(|(_, p)| plot.map(xs.frac(p.x), ys.frac(p.y)))
-        .collect();
+    render(path, |root| {
+        let mut chart = frame(root, axes, xs, ys)?;
+        chart.draw_series(kept.iter().map(|&(i, p)| marker((p.x, p.y), i, POINT_R, 0)))?;
+        let at: Vec<BackendCoord> = kept
+            .iter()
+            .map(|(_, p)| chart.backend_coord(&(p.x, p.y)))
+            .collect();
 
-    c.clip = plot;
-    let r = 5.0;
-    for (&(i, _), &(x, y)) in kept.iter().zip(&at) {
-        marker(&mut c, x, y, r, i, colour(i));
-    }
-
-    // Markers are obstacles from the start so that a label never hides a
-    // point placed later in the list.
-    let mut taken: Vec<Rect> = at
-        .iter()
-        .map(|&(x, y)| Rect::around(x, y, r + 1.0))
-        .collect();
-    let bounds = plot.inset(2);
-    for (&(i, p), &(x, y)) in kept.iter().zip(&at) {
-        let g = fit(&glyphs(&p.label), bounds.width(), TEXT_SCALE);
-        if g.is_empty() {
-            continue;
+        // Markers are obstacles from the start so that a label never hides a
+        // point placed later in the list.
+        let r = POINT_R as f64;
+        let mut taken: Vec<Rect> = at
+            .iter()
+            .map(|&(x, y)| Rect::around(x as f64, y as f64, r + 2.0))
+            .collect();
+        let bounds = plot_rect(&chart).inset(2);
+        for (&(i, p), &(x, y)) in kept.iter().zip(&at) {
+            let ink = darken(colour(i));
+            let style = font(TEXT_PX).color(&ink);
+            let label = fit_text(root, &p.label, bounds.width(), &style)?;
+            if label.is_empty() {
+                continue;
+            }
+            let w = root.estimate_text_size(&label, &style)?.0 as i32;
+            let rect = place_label((x as f64, y as f64), r, w, LABEL_H, bounds, &taken);
+            root.draw_text(&label, &style, (rect.x0, rect.y0 + TEXT_DROP))?;
+            taken.push(rect);
         }
-        let (w, h) = (text_width(g.len(), TEXT_SCALE), GLYPH_H * TEXT_SCALE);
-        let rect = place_label((x, y), r, w, h, bounds, &taken);
-        draw_text(&mut c, rect.x0, rect.y0, &g, TEXT_SCALE, darken(colour(i)));
-        taken.push(rect);
-    }
-    write_png(&c, path)
+        Ok(())
+    })
 }
 
 /// Line chart with markers, one coloured line per series and a legend, e.g.
@@ -122,43 +142,428 @@ pub fn lines_png(series: &[Series], axes: &Axes, path: &Path) -> Result<(), Plot
     let xs = Scale::fit(&xv, axes.log_x);
     let ys = Scale::fit(&yv, axes.log_y);
 
-    let mut c = Canvas::new(WIDTH as i32, HEIGHT as i32);
-    let plot = draw_frame(&mut c, axes, &xs, &ys);
-    // None marks a skipped point, where the line has to break.
-    let mapped: Vec<Vec<Option<(f64, f64)>>> = series
-        .iter()
-        .map(|s| {
-            s.points
-                .iter()
-                .map(|p| ok(p).then(|| plot.map(xs.frac(p.0), ys.frac(p.1))))
-                .collect()
-        })
-        .collect();
+    render(path, |root| {
+        let mut chart = frame(root, axes, xs, ys)?;
+        for (i, s) in series.iter().enumerate() {
+            for run in s.points.split(|p| !ok(p)).filter(|run| run.len() > 1) {
+                let style = colour(i).stroke_width(LINE_W);
+                chart.draw_series(LineSeries::new(run.iter().copied(), style))?;
+            }
+        }
 
-    c.clip = plot;
-    for (i, pts) in mapped.iter().enumerate() {
-        for pair in pts.windows(2) {
-            if let (Some(a), Some(b)) = (pair[0], pair[1]) {
-                c.line(a, b, 2.2, colour(i));
+        let plot = plot_rect(&chart);
+        let style = font(TEXT_PX);
+        // Better a visible count of what was left out than a legend taller
+        // than the chart.
+        let max_rows = ((plot.height() - 20) / LEGEND_ROW_H).max(1) as usize;
+        let shown = if series.len() > max_rows {
+            max_rows - 1
+        } else {
+            series.len()
+        };
+        let mut labels = Vec::new();
+        for s in &series[..shown] {
+            labels.push(fit_text(root, &s.label, plot.width() * 45 / 100, &style)?);
+        }
+        if shown < series.len() {
+            labels.push(format!("+{} more", series.len() - shown));
+        }
+        // Markers go on top of every line so that crossings do not hide
+        // them; each series' markers carry its legend entry.
+        for (i, s) in series.iter().enumerate() {
+            let anno = chart.draw_series(
+                s.points
+                    .iter()
+                    .filter(|p| ok(p))
+                    .map(|&p| marker(p, i, LINE_MARKER_R, 0)),
+            )?;
+            if i < shown {
+                anno.label(labels[i].as_str())
+                    .legend(move |c| marker(c, i, LINE_MARKER_R, SWATCH));
+            }
+        }
+        if shown < series.len() {
+            chart
+                .draw_series(std::iter::empty::<EmptyElement<(f64, f64), _>>())?
+                .label(labels[shown].as_str());
+        }
+
+        let mut legend_w = 0;
+        for l in &labels {
+            legend_w = legend_w.max(root.estimate_text_size(l, &style)?.0 as i32);
+        }
+        let size = (
+            legend_w + LEGEND_AREA + 2 * LEGEND_MARGIN,
+            labels.len() as i32 * LEGEND_ROW_H + 2 * LEGEND_MARGIN,
+        );
+        let mut samples = Vec::new();
+        for s in series {
+            let pts: Vec<Option<BackendCoord>> = s
+                .points
+                .iter()
+                .map(|p| ok(p).then(|| chart.backend_coord(p)))
+                .collect();
+            sample_path(&pts, &mut samples);
+        }
+        chart
+            .configure_series_labels()
+            .position(legend_corner(plot, size, &samples))
+            .background_style(WHITE)
+            .border_style(LEGEND_BORDER)
+            .label_font(style.clone())
+            .legend_area_size(LEGEND_AREA)
+            .margin(LEGEND_MARGIN)
+            .draw()?;
+        Ok(())
+    })
+}
+
+// ---------------------------------------------------------------------------
+// Drawing
+
+/// DejaVu Sans 2.37, under the Bitstream Vera licence with DejaVu's changes
+/// in the public domain (`assets/fonts/LICENSE-DejaVu.txt`).
+static FONT_TTF: &[u8] = include_bytes!("../../assets/fonts/DejaVuSans.ttf");
+/// Registered under plotters' generic name so that its own defaults (such
+/// as the legend's) find the font too.
+const FAMILY: &str = "sans-serif";
+
+const TITLE_PX: f64 = 24.0;
+const TEXT_PX: f64 = 16.0;
+const TICK_PX: f64 = 14.0;
+/// Height of a line of TEXT_PX text as placed by `place_label`, and how far
+/// below its anchor plotters' ab_glyph text has to start to sit in it (it
+/// puts the baseline at half the font size below the anchor).
+const LABEL_H: i32 = 14;
+const TEXT_DROP: i32 = 3;
+
+const MARGIN: i32 = 12;
+const POINT_R: i32 = 5;
+const LINE_MARKER_R: i32 = 4;
+const LINE_W: u32 = 2;
+/// Legend geometry as plotters lays it out: the swatch column, padding
+/// inside the box, and a row at 1.25 times the font size.
+const SWATCH: i32 = 26;
+const LEGEND_AREA: i32 = SWATCH + 8;
+const LEGEND_MARGIN: i32 = 8;
+const LEGEND_ROW_H: i32 = 20;
+
+const TEXT: RGBColor = RGBColor(34, 34, 34);
+const AXIS: RGBColor = RGBColor(90, 90, 90);
+const GRID: RGBColor = RGBColor(222, 222, 222);
+const GRID_MINOR: RGBColor = RGBColor(241, 241, 241);
+const LEGEND_BORDER: RGBColor = RGBColor(170, 170, 170);
+
+/// Tableau 10: distinct for most colour-blind viewers and on white.
+const PALETTE: [RGBColor; 10] = [
+    RGBColor(31, 119, 180),
+    RGBColor(255, 127, 14),
+    RGBColor(44, 160, 44),
+    RGBColor(214, 39, 40),
+    RGBColor(148, 103, 189),
+    RGBColor(140, 86, 75),
+    RGBColor(227, 119, 194),
+    RGBColor(127, 127, 127),
+    RGBColor(188, 189, 34),
+    RGBColor(23, 190, 207),
+];
+
+fn colour(i: usize) -> RGBColor {
+    PALETTE[i % PALETTE.len()]
+}
+
+/// Text in a pale palette colour (olive, cyan) is hard to read when thin.
+fn darken(c: RGBColor) -> RGBColor {
+    let d = |v: u8| (v as f64 * 0.75) as u8;
+    RGBColor(d(c.0), d(c.1), d(c.2))
+}
+
+fn font(size: f64) -> TextStyle<'static> {
+    (FAMILY, size).into_font().color(&TEXT)
+}
+
+fn register_font() -> Result<(), PlotError> {
+    // plotters keeps fonts in one table for the process.
+    static LOADED: OnceLock<bool> = OnceLock::new();
+    let ok = LOADED.get_or_init(|| {
+        plotters::style::register_font(FAMILY, FontStyle::Normal, FONT_TTF).is_ok()
+    });
+    if *ok {
+        Ok(())
+    } else {
+        Err(PlotError::Font)
+    }
+}
+
+type Root<'b> = DrawingArea<BitMapBackend<'b>, Shift>;
+type Chart<'a, 'b> = ChartContext<'a, BitMapBackend<'b>, Cartesian2d<Scale, Scale>>;
+
+/// Draws into an RGB buffer and writes it out only once the whole chart is
+/// done, so a failure never leaves half a file behind.
+fn render(
+    path: &Path,
+    draw: impl FnOnce(&Root<'_>) -> Result<(), PlotError>,
+) -> Result<(), PlotError> {
+    register_font()?;
+    let mut px = vec![255u8; (WIDTH * HEIGHT * 3) as usize];
+    {
+        let root = BitMapBackend::with_buffer(&mut px, (WIDTH, HEIGHT)).into_drawing_area();
+        draw(&root)?;
+        root.present()?;
+    }
+    write_png(&px, path)
+}
+
+/// Title, axis titles, grid, ticks and frame. The left margin follows the
+/// widest tick label, so a long one such as "1e-5" never meets the y title.
+fn frame<'a, 'b>(
+    root: &'a Root<'b>,
+    axes: &Axes,
+    xs: Scale,
+    ys: Scale,
+) -> Result<Chart<'a, 'b>, PlotError> {
+    let (tick, text, title) = (font(TICK_PX), font(TEXT_PX), font(TITLE_PX));
+    let mut ylab_w = 0;
+    for t in &ys.ticks {
+        ylab_w = ylab_w.max(root.estimate_text_size(&t.label, &tick)?.0 as i32);
+    }
+    let desc = |s: &str| if s.is_empty() { 0 } else { TEXT_PX as i32 + 6 };
+    let room = WIDTH as i32 - 2 * MARGIN;
+
+    let mut builder = ChartBuilder::on(root);
+    builder
+        .margin(MARGIN)
+        .margin_right(28)
+        .x_label_area_size(TICK_PX as i32 + 12 + desc(&axes.x_label))
+        .y_label_area_size(ylab_w + 12 + desc(&axes.y_label));
+    if axes.title.is_empty() {
+        builder.margin_top(MARGIN + 8);
+    } else {
+        let t = fit_text(root, &clean(&axes.title), room, &title)?;
+        builder.caption(t, title.clone());
+    }
+    let mut chart = builder.build_cartesian_2d(xs, ys)?;
+
+    let x_desc = fit_text(root, &clean(&axes.x_label), room, &text)?;
+    let y_desc = fit_text(
+        root,
+        &clean(&axes.y_label),
+        HEIGHT as i32 - 2 * MARGIN,
+        &text,
+    )?;
+    let mut mesh = chart.configure_mesh();
+    mesh.label_style(tick)
+        .axis_desc_style(text)
+        .bold_line_style(GRID)
+        .light_line_style(GRID_MINOR)
+        .axis_style(AXIS)
+        .set_all_tick_mark_size(5);
+    if !x_desc.is_empty() {
+        mesh.x_desc(x_desc);
+    }
+    if !y_desc.is_empty() {
+        mesh.y_desc(y_desc);
+    }
+    mesh.draw()?;
+
+    // The frame sits just outside the plot area, so data never covers it.
+    let p = plot_rect(&chart);
+    root.draw(&Rectangle::new(
+        [(p.x0 - 1, p.y0 - 1), (p.x1, p.y1)],
+        AXIS.stroke_width(1),
+    ))?;
+    Ok(chart)
+}
+
+fn plot_rect(chart: &Chart<'_, '_>) -> Rect {
+    let (x, y) = chart.plotting_area().get_pixel_range();
+    Rect {
+        x0: x.start,
+        y0: y.start,
+        x1: x.end,
+        y1: y.end,
+    }
+}
+
+/// Filled marker with a white ring that separates overlapping ones; past ten
+/// entries the palette repeats, so the shape changes instead (circle, square,
+/// triangle, diamond) to keep entries apart. With `swatch` > 0 it is a legend
+/// key: a line that long with the marker in its middle.
+struct Marker<C> {
+    at: C,
+    index: usize,
+    r: i32,
+    swatch: i32,
+}
+
+fn marker<C>(at: C, index: usize, r: i32, swatch: i32) -> Marker<C> {
+    Marker {
+        at,
+        index,
+        r,
+        swatch,
+    }
+}
+
+impl<'a, C: 'a> PointCollection<'a, C> for &'a Marker<C> {
+    type Point = &'a C;
+    type IntoIter = std::iter::Once<&'a C>;
+
+    fn point_iter(self) -> Self::IntoIter {
+        std::iter::once(&self.at)
+    }
+}
+
+impl<C, DB: DrawingBackend> Drawable<DB> for Marker<C> {
+    fn draw<I: Iterator<Item = BackendCoord>>(
+        &self,
+        mut pos: I,
+        backend: &mut DB,
+        _: (u32, u32),
+    ) -> Result<(), DrawingErrorKind<DB::ErrorType>> {
+        let Some((x, y)) = pos.next() else {
+            return Ok(());
+        };
+        let c = colour(self.index);
+        if self.swatch > 0 {
+            backend.draw_line((x, y), (x + self.swatch, y), &c.stroke_width(LINE_W))?;
+        }
+        let (x, r) = (x + self.swatch / 2, self.r);
+        let shape = (self.index / PALETTE.len()) % 4;
+        for (grow, style) in [(2, WHITE.filled()), (0, c.filled())] {
+            match shape {
+                0 => backend.draw_circle((x, y), (r + grow) as u32, &style, true)?,
+                1 => {
+                    let q = r * 85 / 100 + grow;
+                    backend.draw_rect((x - q, y - q), (x + q, y + q), &style, true)?
+                }
+                2 => {
+                    let q = r + 1 + grow * 3 / 2;
+                    let tri = [(x, y - q), (x + q, y + q * 3 / 4), (x - q, y + q * 3 / 4)];
+                    backend.fill_polygon(tri, &style)?
+                }
+                _ => {
+                    let q = r + 1 + grow * 3 / 2;
+                    let dia = [(x, y - q), (x + q, y), (x, y + q), (x - q, y)];
+                    backend.fill_polygon(dia, &style)?
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Control characters would reach the font as boxes; a label read from a
+/// file may well hold a tab.
+fn clean(s: &str) -> String {
+    s.chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect()
+}
+
+/// Shortens text to `max_w` pixels with a trailing "…".
+fn fit_text(root: &Root<'_>, s: &str, max_w: i32, style: &TextStyle) -> Result<String, PlotError> {
+    let s = clean(s);
+    let fits = |t: &str| -> Result<bool, PlotError> {
+        Ok(root.estimate_text_size(t, style)?.0 as i32 <= max_w)
+    };
+    if fits(&s)? {
+        return Ok(s);
+    }
+    let chars: Vec<char> = s.chars().collect();
+    for keep in (1..chars.len()).rev() {
+        let t: String = chars[..keep].iter().chain(['…'].iter()).collect();
+        if fits(&t)? {
+            return Ok(t);
+        }
+    }
+    Ok(String::new())
+}
+
+/// Points every few pixels along each unbroken run of a line, markers
+/// included; `None` marks a skipped point.
+fn sample_path(pts: &[Option<BackendCoord>], out: &mut Vec<(f64, f64)>) {
+    for pair in pts.windows(2) {
+        if let (Some(a), Some(b)) = (pair[0], pair[1]) {
+            let (a, b) = ((a.0 as f64, a.1 as f64), (b.0 as f64, b.1 as f64));
+            let n = ((b.0 - a.0).hypot(b.1 - a.1) / 3.0)
+                .ceil()
+                .clamp(1.0, 2000.0) as usize;
+            for k in 0..=n {
+                let t = k as f64 / n as f64;
+                out.push((a.0 + (b.0 - a.0) * t, a.1 + (b.1 - a.1) * t));
             }
         }
     }
-    // Markers go on top of every line so that crossings do not hide them.
-    for (i, pts) in mapped.iter().enumerate() {
-        for &(x, y) in pts.iter().flatten() {
-            marker(&mut c, x, y, 3.5, i, colour(i));
-        }
-    }
-    draw_legend(&mut c, series, &mapped, plot);
-    write_png(&c, path)
+    out.extend(pts.iter().flatten().map(|p| (p.0 as f64, p.1 as f64)));
 }
 
-fn usable(v: f64, log: bool) -> bool {
-    v.is_finite() && (!log || v > 0.0)
+/// The legend goes into the corner where it hides the fewest line samples,
+/// the top right on ties. `size` is the legend box; plotters keeps it 5
+/// pixels from the plot edges.
+fn legend_corner(plot: Rect, size: (i32, i32), samples: &[(f64, f64)]) -> SeriesLabelPosition {
+    let (w, h) = size;
+    let (left, right) = (plot.x0 + 5, plot.x1 - 5 - w);
+    let (top, bottom) = (plot.y0 + 5, plot.y1 - 5 - h);
+    let corners = [
+        (SeriesLabelPosition::UpperRight, right, top),
+        (SeriesLabelPosition::UpperLeft, left, top),
+        (SeriesLabelPosition::LowerRight, right, bottom),
+        (SeriesLabelPosition::LowerLeft, left, bottom),
+    ];
+    let hits = |x0: i32, y0: i32| {
+        let r = Rect::new(x0, y0, w, h);
+        samples
+            .iter()
+            .filter(|&&(x, y)| {
+                x >= r.x0 as f64 && x < r.x1 as f64 && y >= r.y0 as f64 && y < r.y1 as f64
+            })
+            .count()
+    };
+    let mut best = (usize::MAX, SeriesLabelPosition::UpperRight);
+    for (pos, x0, y0) in corners {
+        let n = hits(x0, y0);
+        if n < best.0 {
+            best = (n, pos);
+        }
+    }
+    best.1
+}
+
+fn write_png(px: &[u8], path: &Path) -> Result<(), PlotError> {
+    let png_err = |e: png::EncodingError| match e {
+        png::EncodingError::IoError(e) => PlotError::Io(e),
+        other => PlotError::Png(other.to_string()),
+    };
+    // Encoding into memory first means a failed write is reported, where a
+    // BufWriter dropped inside the encoder would swallow its flush error.
+    let mut bytes = Vec::new();
+    {
+        let mut enc = png::Encoder::new(&mut bytes, WIDTH, HEIGHT);
+        enc.set_color(png::ColorType::Rgb);
+        enc.set_depth(png::BitDepth::Eight);
+        // Charts are mostly flat colour; the slower settings cost a few
+        // milliseconds and shrink the file several times over.
+        enc.set_compression(png::Compression::Best);
+        enc.set_adaptive_filter(png::AdaptiveFilterType::Adaptive);
+        let mut writer = enc.write_header().map_err(png_err)?;
+        writer.write_image_data(px).map_err(png_err)?;
+        writer.finish().map_err(png_err)?;
+    }
+    std::fs::write(path, bytes)?;
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------
 // Scales and ticks
+
+/// Magnitudes past this count as infinite: they leave no room to pad the
+/// axis or to take its span without overflowing, and no measurement is there.
+const HUGE: f64 = 1e300;
+
+fn usable(v: f64, log: bool) -> bool {
+    v.abs() <= HUGE && (!log || v > 0.0)
+}
 
 #[derive(Debug, Clone, PartialEq)]
 struct Tick {
@@ -170,6 +575,7 @@ struct Tick {
 /// not cut in half by the frame.
 const PAD: f64 = 0.06;
 
+#[derive(Clone)]
 struct Scale {
     log: bool,
     /// Axis limits in transformed space (log10 of the value on a log axis).
@@ -223,6 +629,50 @@ impl Scale {
     fn frac(&self, v: f64) -> f64 {
         let t = if self.log { v.log10() } else { v };
         (t - self.lo) / (self.hi - self.lo)
+    }
+}
+
+/// The chart's coordinate for one axis: positions in linear or log space,
+/// grid lines and labels from this module's ticks.
+impl Ranged for Scale {
+    type FormatOption = NoDefaultFormatting;
+    type ValueType = f64;
+
+    fn map(&self, v: &f64, limit: (i32, i32)) -> i32 {
+        let f = self.frac(*v);
+        (limit.0 as f64 + f * (limit.1 - limit.0) as f64).round() as i32
+    }
+
+    fn key_points<H: KeyPointHint>(&self, hint: H) -> Vec<f64> {
+        let mut v: Vec<f64> = self.ticks.iter().map(|t| t.value).collect();
+        if hint.weight().allow_light_points() {
+            v.extend(&self.minor);
+        }
+        v
+    }
+
+    fn range(&self) -> Range<f64> {
+        if self.log {
+            10f64.powf(self.lo)..10f64.powf(self.hi)
+        } else {
+            self.lo..self.hi
+        }
+    }
+}
+
+impl ValueFormatter<f64> for Scale {
+    // plotters' default panics; nothing here calls it, but a plain number
+    // is the safe answer should a later version start to.
+    fn format(v: &f64) -> String {
+        format!("{v}")
+    }
+
+    fn format_ext(&self, v: &f64) -> String {
+        self.ticks
+            .iter()
+            .find(|t| t.value == *v)
+            .map(|t| t.label.clone())
+            .unwrap_or_default()
     }
 }
 
@@ -280,12 +730,17 @@ fn linear_ticks(lo: f64, hi: f64, target: i64) -> Vec<Tick> {
         .collect()
 }
 
+/// Shortest scientific form of a tick value, read to 12 digits so that an
+/// inexact power of ten (2e299 is stored as 2.0000000000000001e299) still
+/// prints as written.
 fn sci_label(v: f64) -> String {
     if v == 0.0 {
-        "0".to_string()
-    } else {
-        format!("{v:e}")
+        return "0".to_string();
     }
+    let s = format!("{v:.12e}");
+    let (mantissa, exp) = s.split_once('e').unwrap_or((&s, "0"));
+    let mantissa = mantissa.trim_end_matches('0').trim_end_matches('.');
+    format!("{mantissa}e{exp}")
 }
 
 /// Ticks for a log axis whose limits are given as log10 values: powers of
@@ -301,7 +756,7 @@ fn log_ticks(lo: f64, hi: f64) -> (Vec<Tick>, Vec<f64>) {
         let text = if (-3..=4).contains(&k) {
             format!("{v}")
         } else {
-            format!("{v:e}")
+            sci_label(v)
         };
         Tick {
             value: v,
@@ -354,42 +809,7 @@ fn log_ticks(lo: f64, hi: f64) -> (Vec<Tick>, Vec<f64>) {
 }
 
 // ---------------------------------------------------------------------------
-// Layout
-
-const MARGIN: i32 = 12;
-const TICK_LEN: i32 = 5;
-const TEXT_SCALE: i32 = 2;
-const TITLE_SCALE: i32 = 3;
-
-type Rgb = [u8; 3];
-const TEXT: Rgb = [34, 34, 34];
-const AXIS: Rgb = [90, 90, 90];
-const GRID: Rgb = [222, 222, 222];
-const GRID_MINOR: Rgb = [241, 241, 241];
-const LEGEND_BORDER: Rgb = [170, 170, 170];
-
-/// Tableau 10: distinct for most colour-blind viewers and on white.
-const PALETTE: [Rgb; 10] = [
-    [31, 119, 180],
-    [255, 127, 14],
-    [44, 160, 44],
-    [214, 39, 40],
-    [148, 103, 189],
-    [140, 86, 75],
-    [227, 119, 194],
-    [127, 127, 127],
-    [188, 189, 34],
-    [23, 190, 207],
-];
-
-fn colour(i: usize) -> Rgb {
-    PALETTE[i % PALETTE.len()]
-}
-
-/// Text in a pale palette colour (olive, cyan) is hard to read when thin.
-fn darken(c: Rgb) -> Rgb {
-    c.map(|v| (v as f64 * 0.75) as u8)
-}
+// Label placement
 
 /// Pixel rectangle, x0..x1 and y0..y1 half-open.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -445,140 +865,6 @@ impl Rect {
         let h = (self.y1.min(o.y1) - self.y0.max(o.y0)).max(0) as i64;
         w * h
     }
-
-    /// Axis fractions to pixel centres; y grows upwards on the chart.
-    fn map(&self, fx: f64, fy: f64) -> (f64, f64) {
-        (
-            self.x0 as f64 + 0.5 + fx * (self.width() - 1) as f64,
-            self.y1 as f64 - 0.5 - fy * (self.height() - 1) as f64,
-        )
-    }
-}
-
-/// Draws title, axis titles, grid, ticks and frame; returns the plot area
-/// that data goes into. Left and bottom margins follow the tick labels, so a
-/// long y label such as "1.0e-5" never collides with the axis title.
-fn draw_frame(c: &mut Canvas, axes: &Axes, xs: &Scale, ys: &Scale) -> Rect {
-    let (w, h) = (c.w, c.h);
-    let line_h = GLYPH_H * TEXT_SCALE;
-
-    let mut top = MARGIN;
-    let title = glyphs(&axes.title);
-    if title.is_empty() {
-        top += 8;
-    } else {
-        let room = w - 2 * MARGIN;
-        let s = if text_width(title.len(), TITLE_SCALE) <= room {
-            TITLE_SCALE
-        } else {
-            TEXT_SCALE
-        };
-        let t = fit(&title, room, s);
-        draw_text(c, (w - text_width(t.len(), s)) / 2, top, &t, s, TEXT);
-        top += GLYPH_H * s + 16;
-    }
-
-    let ylabels: Vec<Vec<Glyph>> = ys.ticks.iter().map(|t| glyphs(&t.label)).collect();
-    let ylab_w = ylabels
-        .iter()
-        .map(|g| text_width(g.len(), TEXT_SCALE))
-        .max()
-        .unwrap_or(0);
-    let ytitle = glyphs(&axes.y_label);
-    let xtitle = glyphs(&axes.x_label);
-    let mut left = MARGIN + ylab_w + 6 + TICK_LEN;
-    if !ytitle.is_empty() {
-        left += line_h + 12;
-    }
-    let mut bottom = h - MARGIN - line_h - 6 - TICK_LEN;
-    if !xtitle.is_empty() {
-        bottom -= line_h + 10;
-    }
-    let plot = Rect {
-        x0: left,
-        y0: top,
-        x1: w - 28,
-        y1: bottom,
-    };
-
-    for &v in &xs.minor {
-        let x = plot.map(xs.frac(v), 0.0).0 as i32;
-        c.fill(Rect::new(x, plot.y0, 1, plot.height()), GRID_MINOR);
-    }
-    for &v in &ys.minor {
-        let y = plot.map(0.0, ys.frac(v)).1 as i32;
-        c.fill(Rect::new(plot.x0, y, plot.width(), 1), GRID_MINOR);
-    }
-
-    let xpos: Vec<i32> = xs
-        .ticks
-        .iter()
-        .map(|t| plot.map(xs.frac(t.value), 0.0).0 as i32)
-        .collect();
-    let xlabels: Vec<Vec<Glyph>> = xs.ticks.iter().map(|t| glyphs(&t.label)).collect();
-    let xlab_w = xlabels
-        .iter()
-        .map(|g| text_width(g.len(), TEXT_SCALE))
-        .max()
-        .unwrap_or(0);
-    let xstride = label_stride(&xpos, xlab_w + 10);
-    for (i, (&x, g)) in xpos.iter().zip(&xlabels).enumerate() {
-        c.fill(Rect::new(x, plot.y0, 1, plot.height()), GRID);
-        c.fill(Rect::new(x, plot.y1, 1, TICK_LEN + 1), AXIS);
-        if i % xstride == 0 {
-            let tw = text_width(g.len(), TEXT_SCALE);
-            let tx = (x - tw / 2).clamp(2, w - 2 - tw);
-            draw_text(c, tx, plot.y1 + TICK_LEN + 6, g, TEXT_SCALE, TEXT);
-        }
-    }
-
-    let ypos: Vec<i32> = ys
-        .ticks
-        .iter()
-        .map(|t| plot.map(0.0, ys.frac(t.value)).1 as i32)
-        .collect();
-    let ystride = label_stride(&ypos, line_h + 4);
-    for (i, (&y, g)) in ypos.iter().zip(&ylabels).enumerate() {
-        c.fill(Rect::new(plot.x0, y, plot.width(), 1), GRID);
-        c.fill(Rect::new(plot.x0 - TICK_LEN - 1, y, TICK_LEN + 1, 1), AXIS);
-        if i % ystride == 0 {
-            let tw = text_width(g.len(), TEXT_SCALE);
-            let tx = plot.x0 - TICK_LEN - 6 - tw;
-            draw_text(c, tx, y - CAP_H * TEXT_SCALE / 2, g, TEXT_SCALE, TEXT);
-        }
-    }
-
-    // The frame sits just outside the plot area, so data never covers it.
-    let frame = plot.inset(-1);
-    c.fill(Rect::new(frame.x0, frame.y0, frame.width(), 1), AXIS);
-    c.fill(Rect::new(frame.x0, frame.y1 - 1, frame.width(), 1), AXIS);
-    c.fill(Rect::new(frame.x0, frame.y0, 1, frame.height()), AXIS);
-    c.fill(Rect::new(frame.x1 - 1, frame.y0, 1, frame.height()), AXIS);
-
-    if !xtitle.is_empty() {
-        let t = fit(&xtitle, w - 2 * MARGIN, TEXT_SCALE);
-        let tw = text_width(t.len(), TEXT_SCALE);
-        let tx = (plot.x0 + plot.width() / 2 - tw / 2).clamp(MARGIN, w - MARGIN - tw);
-        draw_text(c, tx, h - MARGIN - line_h, &t, TEXT_SCALE, TEXT);
-    }
-    if !ytitle.is_empty() {
-        let t = fit(&ytitle, h - 2 * MARGIN, TEXT_SCALE);
-        let tw = text_width(t.len(), TEXT_SCALE);
-        let base = (plot.y0 + plot.height() / 2 + tw / 2).clamp(MARGIN + tw, h - MARGIN);
-        draw_text_up(c, MARGIN, base, &t, TEXT_SCALE, TEXT);
-    }
-    plot
-}
-
-/// Label every n-th tick, n chosen so that labels `need` pixels apart fit.
-fn label_stride(pos: &[i32], need: i32) -> usize {
-    let gap = pos
-        .windows(2)
-        .map(|p| (p[1] - p[0]).abs())
-        .min()
-        .unwrap_or(i32::MAX)
-        .max(1);
-    ((need + gap - 1) / gap).max(1) as usize
 }
 
 /// Picks where a point's label goes: beside the marker when there is room,
@@ -620,458 +906,9 @@ fn place_label(at: (f64, f64), r: f64, w: i32, h: i32, bounds: Rect, taken: &[Re
     })
 }
 
-fn draw_legend(c: &mut Canvas, series: &[Series], mapped: &[Vec<Option<(f64, f64)>>], plot: Rect) {
-    if series.is_empty() {
-        return;
-    }
-    let row_h = GLYPH_H * TEXT_SCALE + 6;
-    let swatch = 26;
-    let max_rows = ((plot.height() - 20) / row_h).max(1) as usize;
-    let mut rows: Vec<(Vec<Glyph>, Option<usize>)> = series
-        .iter()
-        .enumerate()
-        .map(|(i, s)| (glyphs(&s.label), Some(i)))
-        .collect();
-    if rows.len() > max_rows {
-        // Better a visible count of what was left out than a legend taller
-        // than the chart.
-        let more = rows.len() - (max_rows - 1);
-        rows.truncate(max_rows - 1);
-        rows.push((glyphs(&format!("+{more} more")), None));
-    }
-    let label_room = plot.width() * 45 / 100;
-    for row in &mut rows {
-        row.0 = fit(&row.0, label_room, TEXT_SCALE);
-    }
-    let label_w = rows
-        .iter()
-        .map(|r| text_width(r.0.len(), TEXT_SCALE))
-        .max()
-        .unwrap_or(0);
-    let (bw, bh) = (
-        8 + swatch + 8 + label_w + 8,
-        8 + rows.len() as i32 * row_h + 2,
-    );
-
-    // The legend goes into the corner that hides the fewest line pixels,
-    // sampled along every segment, preferring the top right on ties.
-    let inner = plot.inset(8);
-    let corners = [
-        Rect::new(inner.x1 - bw, inner.y0, bw, bh),
-        Rect::new(inner.x0, inner.y0, bw, bh),
-        Rect::new(inner.x1 - bw, inner.y1 - bh, bw, bh),
-        Rect::new(inner.x0, inner.y1 - bh, bw, bh),
-    ];
-    let mut samples = Vec::new();
-    for pts in mapped {
-        for pair in pts.windows(2) {
-            if let (Some(a), Some(b)) = (pair[0], pair[1]) {
-                let n = ((b.0 - a.0).hypot(b.1 - a.1) / 3.0).ceil().max(1.0) as usize;
-                for k in 0..=n {
-                    let t = k as f64 / n as f64;
-                    samples.push((a.0 + (b.0 - a.0) * t, a.1 + (b.1 - a.1) * t));
-                }
-            }
-        }
-        samples.extend(pts.iter().flatten().copied());
-    }
-    let hits = |r: &Rect| {
-        samples
-            .iter()
-            .filter(|&&(x, y)| {
-                x >= r.x0 as f64 && x < r.x1 as f64 && y >= r.y0 as f64 && y < r.y1 as f64
-            })
-            .count()
-    };
-    let mut best = corners[0];
-    let mut best_hits = hits(&best);
-    for r in &corners[1..] {
-        let h = hits(r);
-        if h < best_hits {
-            best = *r;
-            best_hits = h;
-        }
-    }
-
-    c.fill(best, [255, 255, 255]);
-    let b = best;
-    c.fill(Rect::new(b.x0, b.y0, b.width(), 1), LEGEND_BORDER);
-    c.fill(Rect::new(b.x0, b.y1 - 1, b.width(), 1), LEGEND_BORDER);
-    c.fill(Rect::new(b.x0, b.y0, 1, b.height()), LEGEND_BORDER);
-    c.fill(Rect::new(b.x1 - 1, b.y0, 1, b.height()), LEGEND_BORDER);
-    for (row, (g, idx)) in rows.iter().enumerate() {
-        let ty = b.y0 + 8 + row as i32 * row_h;
-        let cy = ty as f64 + (CAP_H * TEXT_SCALE) as f64 / 2.0;
-        if let Some(i) = *idx {
-            let x0 = (b.x0 + 8) as f64;
-            c.line((x0, cy), (x0 + swatch as f64, cy), 2.2, colour(i));
-            marker(c, x0 + swatch as f64 / 2.0, cy, 3.5, i, colour(i));
-        }
-        draw_text(c, b.x0 + 8 + swatch + 8, ty, g, TEXT_SCALE, TEXT);
-    }
-}
-
-/// Filled marker; past ten entries the palette repeats, so the shape changes
-/// instead (circle, square, triangle, diamond) to keep entries apart. A white
-/// ring separates overlapping markers.
-fn marker(c: &mut Canvas, x: f64, y: f64, r: f64, index: usize, col: Rgb) {
-    let shape = (index / PALETTE.len()) % 4;
-    let inside = move |dx: f64, dy: f64, r: f64| match shape {
-        0 => dx * dx + dy * dy <= r * r,
-        1 => dx.abs() <= r * 0.85 && dy.abs() <= r * 0.85,
-        2 => dy <= r * 0.75 && dy >= -r && dx.abs() <= (dy + r) * 0.6,
-        _ => dx.abs() + dy.abs() <= r * 1.2,
-    };
-    c.shape(x, y, r + 1.5, [255, 255, 255], |dx, dy| {
-        inside(dx, dy, r + 1.5)
-    });
-    c.shape(x, y, r, col, |dx, dy| inside(dx, dy, r));
-}
-
-// ---------------------------------------------------------------------------
-// Raster
-
-struct Canvas {
-    w: i32,
-    h: i32,
-    px: Vec<u8>,
-    /// Drawing outside this is dropped; data drawing sets it to the plot area.
-    clip: Rect,
-}
-
-impl Canvas {
-    fn new(w: i32, h: i32) -> Canvas {
-        Canvas {
-            w,
-            h,
-            px: vec![255; (w * h * 3) as usize],
-            clip: Rect::new(0, 0, w, h),
-        }
-    }
-
-    fn blend(&mut self, x: i32, y: i32, c: Rgb, a: f64) {
-        let k = &self.clip;
-        if a <= 0.0 || x < k.x0 || y < k.y0 || x >= k.x1 || y >= k.y1 {
-            return;
-        }
-        if x < 0 || y < 0 || x >= self.w || y >= self.h {
-            return;
-        }
-        let i = ((y * self.w + x) * 3) as usize;
-        let a = a.min(1.0);
-        for (p, &v) in self.px[i..i + 3].iter_mut().zip(&c) {
-            *p = (*p as f64 * (1.0 - a) + v as f64 * a).round() as u8;
-        }
-    }
-
-    fn fill(&mut self, r: Rect, c: Rgb) {
-        for y in r.y0..r.y1 {
-            for x in r.x0..r.x1 {
-                self.blend(x, y, c, 1.0);
-            }
-        }
-    }
-
-    /// Anti-aliased line of the given width: coverage falls off linearly over
-    /// one pixel from the segment's edge, which is cheap and looks smooth.
-    fn line(&mut self, a: (f64, f64), b: (f64, f64), width: f64, c: Rgb) {
-        let half = width / 2.0;
-        let (dx, dy) = (b.0 - a.0, b.1 - a.1);
-        let len2 = dx * dx + dy * dy;
-        let x0 = (a.0.min(b.0) - half - 1.0).floor() as i32;
-        let x1 = (a.0.max(b.0) + half + 1.0).ceil() as i32;
-        let y0 = (a.1.min(b.1) - half - 1.0).floor() as i32;
-        let y1 = (a.1.max(b.1) + half + 1.0).ceil() as i32;
-        for y in y0.max(self.clip.y0)..=y1.min(self.clip.y1 - 1) {
-            for x in x0.max(self.clip.x0)..=x1.min(self.clip.x1 - 1) {
-                let (px, py) = (x as f64 + 0.5, y as f64 + 0.5);
-                let t = if len2 > 0.0 {
-                    (((px - a.0) * dx + (py - a.1) * dy) / len2).clamp(0.0, 1.0)
-                } else {
-                    0.0
-                };
-                let d = (px - a.0 - t * dx).hypot(py - a.1 - t * dy);
-                self.blend(x, y, c, (half + 0.5 - d).clamp(0.0, 1.0));
-            }
-        }
-    }
-
-    /// Fills the set `inside(dx, dy)` (offsets from the centre) within radius
-    /// `r`, 4x4 supersampled so that any shape gets smooth edges.
-    fn shape(&mut self, cx: f64, cy: f64, r: f64, c: Rgb, inside: impl Fn(f64, f64) -> bool) {
-        let (x0, x1) = ((cx - r - 1.0).floor() as i32, (cx + r + 1.0).ceil() as i32);
-        let (y0, y1) = ((cy - r - 1.0).floor() as i32, (cy + r + 1.0).ceil() as i32);
-        for y in y0..=y1 {
-            for x in x0..=x1 {
-                let mut n = 0;
-                for sy in 0..4 {
-                    for sx in 0..4 {
-                        let dx = x as f64 + (sx as f64 + 0.5) / 4.0 - cx;
-                        let dy = y as f64 + (sy as f64 + 0.5) / 4.0 - cy;
-                        if inside(dx, dy) {
-                            n += 1;
-                        }
-                    }
-                }
-                self.blend(x, y, c, n as f64 / 16.0);
-            }
-        }
-    }
-}
-
-fn write_png(c: &Canvas, path: &Path) -> Result<(), PlotError> {
-    let png_err = |e: png::EncodingError| match e {
-        png::EncodingError::IoError(e) => PlotError::Io(e),
-        other => PlotError::Png(other.to_string()),
-    };
-    // Encoding into memory first means a failed write is reported, where a
-    // BufWriter dropped inside the encoder would swallow its flush error.
-    let mut bytes = Vec::new();
-    {
-        let mut enc = png::Encoder::new(&mut bytes, c.w as u32, c.h as u32);
-        enc.set_color(png::ColorType::Rgb);
-        enc.set_depth(png::BitDepth::Eight);
-        // Charts are mostly flat colour; the slower settings cost a few
-        // milliseconds and shrink the file several times over.
-        enc.set_compression(png::Compression::Best);
-        enc.set_adaptive_filter(png::AdaptiveFilterType::Adaptive);
-        let mut writer = enc.write_header().map_err(png_err)?;
-        writer.write_image_data(&c.px).map_err(png_err)?;
-        writer.finish().map_err(png_err)?;
-    }
-    std::fs::write(path, bytes)?;
-    Ok(())
-}
-
-// ---------------------------------------------------------------------------
-// Text
-
-const GLYPH_W: i32 = 5;
-/// Cell height: capitals use the top seven rows, descenders the eighth.
-const GLYPH_H: i32 = 8;
-const CAP_H: i32 = 7;
-/// Glyph width plus one column of spacing.
-const ADVANCE: i32 = GLYPH_W + 1;
-
-#[derive(Debug, Clone, Copy, PartialEq)]
-enum Glyph {
-    Ascii(u8),
-    /// Drawn as a hollow box, so a missing character is seen, not dropped.
-    Unknown,
-}
-
-/// Maps text onto the font: printable ASCII as is, common symbols from
-/// metric names to ASCII look-alikes, anything else to the placeholder box.
-fn glyphs(s: &str) -> Vec<Glyph> {
-    let mut out = Vec::new();
-    for ch in s.chars() {
-        let sub = match ch {
-            ' '..='~' => {
-                out.push(Glyph::Ascii(ch as u8));
-                continue;
-            }
-            'Δ' | 'δ' => "d",
-            'µ' | 'μ' => "u",
-            'α' => "a",
-            'β' => "b",
-            'σ' => "s",
-            'λ' => "l",
-            '×' => "x",
-            '·' | '•' => ".",
-            '±' => "+-",
-            '≤' => "<=",
-            '≥' => ">=",
-            '≈' => "~",
-            '→' => "->",
-            '–' | '—' | '−' => "-",
-            '‘' | '’' => "'",
-            '“' | '”' => "\"",
-            '…' => "...",
-            '\t' => " ",
-            _ => {
-                out.push(Glyph::Unknown);
-                continue;
-            }
-        };
-        out.extend(sub.bytes().map(Glyph::Ascii));
-    }
-    out
-}
-
-fn text_width(n: usize, scale: i32) -> i32 {
-    if n == 0 {
-        0
-    } else {
-        (n as i32 * ADVANCE - 1) * scale
-    }
-}
-
-/// Shortens text to `max_w` pixels with a trailing "...".
-fn fit(g: &[Glyph], max_w: i32, scale: i32) -> Vec<Glyph> {
-    if text_width(g.len(), scale) <= max_w {
-        return g.to_vec();
-    }
-    let mut keep = g.len();
-    while keep > 0 && text_width(keep + 3, scale) > max_w {
-        keep -= 1;
-    }
-    let mut out = g[..keep].to_vec();
-    out.extend([Glyph::Ascii(b'.'); 3]);
-    out
-}
-
-fn glyph_on(g: Glyph, col: i32, row: i32) -> bool {
-    match g {
-        Glyph::Ascii(b) => FONT[(b - b' ') as usize][col as usize] >> row & 1 == 1,
-        Glyph::Unknown => {
-            row < CAP_H && (col == 0 || col == GLYPH_W - 1 || row == 0 || row == CAP_H - 1)
-        }
-    }
-}
-
-/// Left-to-right text with its top-left corner at (x, y).
-fn draw_text(c: &mut Canvas, x: i32, y: i32, text: &[Glyph], scale: i32, col: Rgb) {
-    for (i, &g) in text.iter().enumerate() {
-        let gx = x + i as i32 * ADVANCE * scale;
-        for gc in 0..GLYPH_W {
-            for gr in 0..GLYPH_H {
-                if glyph_on(g, gc, gr) {
-                    c.fill(
-                        Rect::new(gx + gc * scale, y + gr * scale, scale, scale),
-                        col,
-                    );
-                }
-            }
-        }
-    }
-}
-
-/// Text rotated a quarter turn anticlockwise (reading upwards, as a y-axis
-/// title does), starting at bottom-left (x, y).
-fn draw_text_up(c: &mut Canvas, x: i32, y: i32, text: &[Glyph], scale: i32, col: Rgb) {
-    for (i, &g) in text.iter().enumerate() {
-        for gc in 0..GLYPH_W {
-            for gr in 0..GLYPH_H {
-                if glyph_on(g, gc, gr) {
-                    let along = i as i32 * ADVANCE + gc;
-                    c.fill(
-                        Rect::new(x + gr * scale, y - (along + 1) * scale, scale, scale),
-                        col,
-                    );
-                }
-            }
-        }
-    }
-}
-
-/// Classic 5x7 font for ' '..='~', five columns per glyph with bit 0 at the
-/// top; g, j, p, q, y and the comma use an eighth row for their descenders.
-const FONT: [[u8; 5]; 95] = [
-    [0x00, 0x00, 0x00, 0x00, 0x00], // ' '
-    [0x00, 0x00, 0x5F, 0x00, 0x00], // !
-    [0x00, 0x07, 0x00, 0x07, 0x00], // "
-    [0x14, 0x7F, 0x14, 0x7F, 0x14], // #
-    [0x24, 0x2A, 0x7F, 0x2A, 0x12], // $
-    [0x23, 0x13, 0x08, 0x64, 0x62], // %
-    [0x36, 0x49, 0x55, 0x22, 0x50], // &
-    [0x00, 0x05, 0x03, 0x00, 0x00], // '
-    [0x00, 0x1C, 0x22, 0x41, 0x00], // (
-    [0x00, 0x41, 0x22, 0x1C, 0x00], // )
-    [0x14, 0x08, 0x3E, 0x08, 0x14], // *
-    [0x08, 0x08, 0x3E, 0x08, 0x08], // +
-    [0x00, 0xA0, 0x60, 0x00, 0x00], // ,
-    [0x08, 0x08, 0x08, 0x08, 0x08], // -
-    [0x00, 0x60, 0x60, 0x00, 0x00], // .
-    [0x20, 0x10, 0x08, 0x04, 0x02], // /
-    [0x3E, 0x51, 0x49, 0x45, 0x3E], // 0
-    [0x00, 0x42, 0x7F, 0x40, 0x00], // 1
-    [0x42, 0x61, 0x51, 0x49, 0x46], // 2
-    [0x21, 0x41, 0x45, 0x4B, 0x31], // 3
-    [0x18, 0x14, 0x12, 0x7F, 0x10], // 4
-    [0x27, 0x45, 0x45, 0x45, 0x39], // 5
-    [0x3C, 0x4A, 0x49, 0x49, 0x30], // 6
-    [0x01, 0x71, 0x09, 0x05, 0x03], // 7
-    [0x36, 0x49, 0x49, 0x49, 0x36], // 8
-    [0x06, 0x49, 0x49, 0x29, 0x1E], // 9
-    [0x00, 0x36, 0x36, 0x00, 0x00], // :
-    [0x00, 0x56, 0x36, 0x00, 0x00], // ;
-    [0x08, 0x14, 0x22, 0x41, 0x00], // <
-    [0x14, 0x14, 0x14, 0x14, 0x14], // =
-    [0x00, 0x41, 0x22, 0x14, 0x08], // >
-    [0x02, 0x01, 0x51, 0x09, 0x06], // ?
-    [0x32, 0x49, 0x79, 0x41, 0x3E], // @
-    [0x7E, 0x11, 0x11, 0x11, 0x7E], // A
-    [0x7F, 0x49, 0x49, 0x49, 0x36], // B
-    [0x3E, 0x41, 0x41, 0x41, 0x22], // C
-    [0x7F, 0x41, 0x41, 0x22, 0x1C], // D
-    [0x7F, 0x49, 0x49, 0x49, 0x41], // E
-    [0x7F, 0x09, 0x09, 0x09, 0x01], // F
-    [0x3E, 0x41, 0x49, 0x49, 0x7A], // G
-    [0x7F, 0x08, 0x08, 0x08, 0x7F], // H
-    [0x00, 0x41, 0x7F, 0x41, 0x00], // I
-    [0x20, 0x40, 0x41, 0x3F, 0x01], // J
-    [0x7F, 0x08, 0x14, 0x22, 0x41], // K
-    [0x7F, 0x40, 0x40, 0x40, 0x40], // L
-    [0x7F, 0x02, 0x0C, 0x02, 0x7F], // M
-    [0x7F, 0x04, 0x08, 0x10, 0x7F], // N
-    [0x3E, 0x41, 0x41, 0x41, 0x3E], // O
-    [0x7F, 0x09, 0x09, 0x09, 0x06], // P
-    [0x3E, 0x41, 0x51, 0x21, 0x5E], // Q
-    [0x7F, 0x09, 0x19, 0x29, 0x46], // R
-    [0x46, 0x49, 0x49, 0x49, 0x31], // S
-    [0x01, 0x01, 0x7F, 0x01, 0x01], // T
-    [0x3F, 0x40, 0x40, 0x40, 0x3F], // U
-    [0x1F, 0x20, 0x40, 0x20, 0x1F], // V
-    [0x3F, 0x40, 0x38, 0x40, 0x3F], // W
-    [0x63, 0x14, 0x08, 0x14, 0x63], // X
-    [0x07, 0x08, 0x70, 0x08, 0x07], // Y
-    [0x61, 0x51, 0x49, 0x45, 0x43], // Z
-    [0x00, 0x7F, 0x41, 0x41, 0x00], // [
-    [0x02, 0x04, 0x08, 0x10, 0x20], // backslash
-    [0x00, 0x41, 0x41, 0x7F, 0x00], // ]
-    [0x04, 0x02, 0x01, 0x02, 0x04], // ^
-    [0x40, 0x40, 0x40, 0x40, 0x40], // _
-    [0x00, 0x01, 0x02, 0x04, 0x00], // `
-    [0x20, 0x54, 0x54, 0x54, 0x78], // a
-    [0x7F, 0x48, 0x44, 0x44, 0x38], // b
-    [0x38, 0x44, 0x44, 0x44, 0x20], // c
-    [0x38, 0x44, 0x44, 0x48, 0x7F], // d
-    [0x38, 0x54, 0x54, 0x54, 0x18], // e
-    [0x08, 0x7E, 0x09, 0x01, 0x02], // f
-    [0x98, 0xA4, 0xA4, 0xA4, 0x7C], // g
-    [0x7F, 0x08, 0x04, 0x04, 0x78], // h
-    [0x00, 0x44, 0x7D, 0x40, 0x00], // i
-    [0x40, 0x80, 0x80, 0x7D, 0x00], // j
-    [0x00, 0x7F, 0x10, 0x28, 0x44], // k
-    [0x00, 0x41, 0x7F, 0x40, 0x00], // l
-    [0x7C, 0x04, 0x18, 0x04, 0x78], // m
-    [0x7C, 0x08, 0x04, 0x04, 0x78], // n
-    [0x38, 0x44, 0x44, 0x44, 0x38], // o
-    [0xFC, 0x24, 0x24, 0x24, 0x18], // p
-    [0x18, 0x24, 0x24, 0x24, 0xFC], // q
-    [0x7C, 0x08, 0x04, 0x04, 0x08], // r
-    [0x48, 0x54, 0x54, 0x54, 0x20], // s
-    [0x04, 0x3F, 0x44, 0x40, 0x20], // t
-    [0x3C, 0x40, 0x40, 0x20, 0x7C], // u
-    [0x1C, 0x20, 0x40, 0x20, 0x1C], // v
-    [0x3C, 0x40, 0x30, 0x40, 0x3C], // w
-    [0x44, 0x28, 0x10, 0x28, 0x44], // x
-    [0x9C, 0xA0, 0xA0, 0xA0, 0x7C], // y
-    [0x44, 0x64, 0x54, 0x4C, 0x44], // z
-    [0x00, 0x08, 0x36, 0x41, 0x00], // {
-    [0x00, 0x00, 0x7F, 0x00, 0x00], // |
-    [0x00, 0x41, 0x36, 0x08, 0x00], // }
-    [0x08, 0x04, 0x08, 0x10, 0x08], // ~
-];
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::path::PathBuf;
-
-    fn tmp(name: &str) -> PathBuf {
-        std::env::temp_dir().join(format!("ottkv-plot-{}-{name}.png", std::process::id()))
-    }
 
     /// Decodes a written chart; returns its RGB bytes after checking the format.
     fn decode(path: &Path) -> Vec<u8> {
@@ -1086,8 +923,15 @@ mod tests {
         buf
     }
 
-    fn has_colour(buf: &[u8], c: Rgb) -> bool {
-        buf.chunks_exact(3).any(|p| p == c)
+    fn has_colour(buf: &[u8], c: RGBColor) -> bool {
+        buf.chunks_exact(3).any(|p| p == [c.0, c.1, c.2])
+    }
+
+    /// Pixels that are neither white nor grey: what data and labels drew.
+    fn coloured(buf: &[u8]) -> usize {
+        buf.chunks_exact(3)
+            .filter(|p| p.iter().max().unwrap() - p.iter().min().unwrap() > 40)
+            .count()
     }
 
     fn values(t: &[Tick]) -> Vec<f64> {
@@ -1098,74 +942,227 @@ mod tests {
         t.iter().map(|t| t.label.as_str()).collect()
     }
 
-    #[test]
-    fn scatter_writes_png_of_expected_size() {
-        let points = vec![
-            Point {
-                label: "f16".into(),
-                x: 16.0,
-                y: 0.0,
-            },
-            Point {
-                label: "q8_0".into(),
-                x: 8.5,
-                y: 0.02,
-            },
-            Point {
-                label: "q4_0".into(),
-                x: 4.5,
-                y: 0.9,
-            },
-            Point {
-                label: "ottkv-2bit".into(),
-                x: 2.3,
-                y: f64::NAN,
-            },
-        ];
-        let axes = Axes {
-            title: "ΔPPL % vs bits per element".into(),
-            x_label: "bits per element".into(),
-            y_label: "ΔPPL %".into(),
-            ..Axes::default()
-        };
-        let path = tmp("scatter");
-        scatter_png(&points, &axes, &path).unwrap();
-        let buf = decode(&path);
-        assert_eq!(&buf[..3], &[255, 255, 255], "white background");
-        for i in 0..3 {
-            assert!(has_colour(&buf, colour(i)), "point {i} drawn");
+    fn point(label: &str, x: f64, y: f64) -> Point {
+        Point {
+            label: label.into(),
+            x,
+            y,
         }
-        assert!(!has_colour(&buf, colour(3)), "NaN point skipped");
-        std::fs::remove_file(path).unwrap();
     }
 
-    #[test]
-    fn lines_write_png_on_log_axes() {
-        let series: Vec<Series> = (0..3)
-            .map(|s| Series {
-                label: format!("type {s}"),
-                points: (0..7)
+    /// KLD against bits per element as `compare` plots it, on a log y axis.
+    fn kld_scatter() -> (Vec<Point>, Axes) {
+        let points = vec![
+            point("llama.cpp q8_0", 8.5, 0.00041),
+            point("llama.cpp q4_0", 4.5, 0.0213),
+            point("llama.cpp q4_1", 5.0, 0.0158),
+            point("ott2", 2.31, 0.0312),
+            point("ott3", 3.27, 0.0079),
+            point("ottk4v2", 3.13, 0.0118),
+            point("ottkv-2bit", 2.3, f64::NAN),
+        ];
+        let axes = Axes {
+            title: "KL divergence vs llama.cpp f16, n_ctx 2048".into(),
+            x_label: "KV bits per element, allocated at 8192 tokens".into(),
+            y_label: "mean KLD".into(),
+            log_x: false,
+            log_y: true,
+        };
+        (points, axes)
+    }
+
+    /// Decode speed against context as `bench` plots it, on a log x axis.
+    fn decode_lines() -> (Vec<Series>, Axes) {
+        let names = ["llama.cpp f16", "llama.cpp q4_0", "ours f16", "ours ott2"];
+        let series = names
+            .iter()
+            .enumerate()
+            .map(|(s, name)| Series {
+                label: name.to_string(),
+                points: (0..5)
                     .map(|k| {
                         let ctx = 512.0 * 2f64.powi(k);
-                        (ctx, 100.0 / (1.0 + s as f64) / (1.0 + ctx / 8192.0))
+                        let slow = 1.0 + ctx / (4096.0 * (1.0 + s as f64));
+                        (ctx, 60.0 / (1.0 + 0.1 * s as f64) / slow)
                     })
                     .collect(),
             })
             .collect();
         let axes = Axes {
-            title: "decode tokens/s vs context length".into(),
-            x_label: "context length (tokens)".into(),
-            y_label: "tokens/s".into(),
+            title: "Decode speed vs filled context".into(),
+            x_label: "tokens in the cache".into(),
+            y_label: "decode tokens/s".into(),
             log_x: true,
-            log_y: true,
+            log_y: false,
         };
-        let path = tmp("lines");
+        (series, axes)
+    }
+
+    #[test]
+    fn scatter_writes_png_of_expected_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("scatter.png");
+        let (points, axes) = kld_scatter();
+        scatter_png(&points, &axes, &path).unwrap();
+        let buf = decode(&path);
+        assert_eq!(&buf[..3], &[255, 255, 255], "white background");
+        for i in 0..6 {
+            assert!(has_colour(&buf, colour(i)), "point {i} drawn");
+        }
+        assert!(!has_colour(&buf, colour(6)), "NaN point skipped");
+    }
+
+    #[test]
+    fn lines_write_png_on_log_axes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("lines.png");
+        let (series, mut axes) = decode_lines();
+        axes.log_y = true;
         lines_png(&series, &axes, &path).unwrap();
         let buf = decode(&path);
-        for i in 0..3 {
+        for i in 0..series.len() {
             assert!(has_colour(&buf, colour(i)), "series {i} drawn");
         }
-        std::fs::remove_file(path).unwrap();
+    }
+
+    #[test]
+    fn odd_inputs_still_draw() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("odd.png");
+        let axes = Axes::default();
+        let log = Axes {
+            log_x: true,
+            log_y: true,
+            ..Axes::default()
+        };
+
+        // One point; and many points at one spot (zero range on both axes).
+        for (pts, axes) in [
+            (vec![point("only", 2.0, 2.0)], &axes),
+            (vec![point("only", 100.0, 1e-3)], &log),
+            (vec![point("a", 0.0, 0.0), point("b", 0.0, 0.0)], &axes),
+            (vec![point("a", 3.0, -7.0); 5], &axes),
+        ] {
+            scatter_png(&pts, axes, &path).unwrap();
+            decode(&path);
+        }
+
+        // Extreme magnitudes, a huge label, control characters, no labels.
+        let pts = vec![
+            point("tiny", 1e-300, -HUGE),
+            point("huge", HUGE, HUGE),
+            point("too big", 1.0, f64::MAX),
+            point(&"a very long label indeed ".repeat(20), 1.0, 0.0),
+            point("tab\there\nnewline", 1e10, 1.0),
+            point("", 5.0, 5.0),
+        ];
+        scatter_png(&pts, &axes, &path).unwrap();
+        decode(&path);
+        let pts: Vec<Point> = pts.into_iter().filter(|p| p.y > 0.0).collect();
+        scatter_png(&pts, &log, &path).unwrap();
+        decode(&path);
+
+        // A series of one point has no line but a marker; an empty series
+        // and one with only bad values still get a legend entry.
+        let series = vec![
+            Series {
+                label: "one".into(),
+                points: vec![(1.0, 1.0)],
+            },
+            Series {
+                label: "empty".into(),
+                points: Vec::new(),
+            },
+            Series {
+                label: "bad".into(),
+                points: vec![(f64::NAN, 1.0), (2.0, f64::INFINITY)],
+            },
+            Series {
+                label: String::new(),
+                points: vec![(1.0, 2.0), (f64::NAN, 3.0), (3.0, 4.0), (4.0, 4.0)],
+            },
+        ];
+        lines_png(&series, &axes, &path).unwrap();
+        decode(&path);
+
+        // More series than legend rows, and past the palette: every marker
+        // shape, and a "+N more" row.
+        let many: Vec<Series> = (0..45)
+            .map(|s| Series {
+                label: format!("series number {s}"),
+                points: (1..4).map(|k| (k as f64, (s * k) as f64 + 1.0)).collect(),
+            })
+            .collect();
+        lines_png(&many, &log, &path).unwrap();
+        assert!(coloured(&decode(&path)) > 1000);
+    }
+
+    #[test]
+    fn unusable_inputs_are_rejected() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("nodata.png");
+        let axes = Axes::default();
+        let bad = [f64::NAN, f64::INFINITY, f64::NEG_INFINITY];
+        let points: Vec<Point> = bad.iter().map(|&v| point("x", v, 1.0)).collect();
+        assert!(matches!(
+            scatter_png(&points, &axes, &path),
+            Err(PlotError::NoData)
+        ));
+        assert!(matches!(
+            scatter_png(&[], &axes, &path),
+            Err(PlotError::NoData)
+        ));
+        let series = [Series {
+            label: "s".into(),
+            points: bad.iter().map(|&v| (1.0, v)).collect(),
+        }];
+        assert!(matches!(
+            lines_png(&series, &axes, &path),
+            Err(PlotError::NoData)
+        ));
+        assert!(matches!(
+            lines_png(&[], &axes, &path),
+            Err(PlotError::NoData)
+        ));
+
+        // Non-positive values cannot sit on a log axis.
+        let log = Axes {
+            log_y: true,
+            ..Axes::default()
+        };
+        let series = [Series {
+            label: "s".into(),
+            points: vec![(1.0, 0.0), (2.0, -3.0)],
+        }];
+        assert!(matches!(
+            lines_png(&series, &log, &path),
+            Err(PlotError::NoData)
+        ));
+        assert!(!path.exists(), "no file is written without data");
+
+        // One usable point among bad ones is enough.
+        let series = [Series {
+            label: "s".into(),
+            points: vec![(1.0, f64::NAN), (2.0, -3.0), (3.0, 4.0)],
+        }];
+        lines_png(&series, &log, &path).unwrap();
+        decode(&path);
+    }
+
+    #[test]
+    fn unwritable_path_is_an_io_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let (points, axes) = kld_scatter();
+        let missing = dir.path().join("no such dir").join("x.png");
+        assert!(matches!(
+            scatter_png(&points, &axes, &missing),
+            Err(PlotError::Io(_))
+        ));
+        let (series, axes) = decode_lines();
+        assert!(matches!(
+            lines_png(&series, &axes, dir.path()),
+            Err(PlotError::Io(_))
+        ));
     }
 
     #[test]
@@ -1188,6 +1185,9 @@ mod tests {
 
         let t = linear_ticks(1.2e-5, 4.9e-5, 5);
         assert_eq!(labels(&t), ["2e-5", "3e-5", "4e-5"]);
+
+        let t = linear_ticks(-1e300, 1e300, 5);
+        assert_eq!(labels(&t), ["-5e299", "0", "5e299"]);
 
         // Whatever the range, steps are 1, 2 or 5 x 10^k and ticks lie inside.
         for (lo, hi) in [(0.3, 0.7), (-1.0, 1.0), (123.0, 4567.0), (-9e-3, -1e-3)] {
@@ -1240,89 +1240,24 @@ mod tests {
         let s = Scale::fit(&[100.0], true);
         assert!((s.frac(100.0) - 0.5).abs() < 1e-9);
         assert!(s.ticks.len() >= 3);
-
-        let one = [Point {
-            label: "only".into(),
-            x: 2.0,
-            y: 2.0,
-        }];
-        let path = tmp("single");
-        scatter_png(&one, &Axes::default(), &path).unwrap();
-        decode(&path);
-        std::fs::remove_file(path).unwrap();
     }
 
     #[test]
-    fn unusable_inputs_are_skipped() {
-        let axes = Axes::default();
-        let path = tmp("nodata");
-        let bad = [f64::NAN, f64::INFINITY, f64::NEG_INFINITY];
-        let points: Vec<Point> = bad
-            .iter()
-            .map(|&v| Point {
-                label: "x".into(),
-                x: v,
-                y: 1.0,
-            })
-            .collect();
-        assert!(matches!(
-            scatter_png(&points, &axes, &path),
-            Err(PlotError::NoData)
-        ));
-        assert!(matches!(
-            scatter_png(&[], &axes, &path),
-            Err(PlotError::NoData)
-        ));
-        let series = [Series {
-            label: "s".into(),
-            points: bad.iter().map(|&v| (1.0, v)).collect(),
-        }];
-        assert!(matches!(
-            lines_png(&series, &axes, &path),
-            Err(PlotError::NoData)
-        ));
-        assert!(matches!(
-            lines_png(&[], &axes, &path),
-            Err(PlotError::NoData)
-        ));
-
-        // Non-positive values cannot sit on a log axis.
-        let log = Axes {
-            log_y: true,
-            ..Axes::default()
-        };
-        let series = [Series {
-            label: "s".into(),
-            points: vec![(1.0, 0.0), (2.0, -3.0)],
-        }];
-        assert!(matches!(
-            lines_png(&series, &log, &path),
-            Err(PlotError::NoData)
-        ));
-        assert!(!path.exists(), "no file is written without data");
-
-        // One usable point among bad ones is enough.
-        let series = [Series {
-            label: "s".into(),
-            points: vec![(1.0, f64::NAN), (2.0, -3.0), (3.0, 4.0)],
-        }];
-        lines_png(&series, &log, &path).unwrap();
-        decode(&path);
-        std::fs::remove_file(path).unwrap();
-    }
-
-    #[test]
-    fn text_maps_unknown_characters() {
+    fn long_text_is_shortened() {
+        register_font().unwrap();
+        let mut px = vec![255u8; (WIDTH * HEIGHT * 3) as usize];
+        let root = BitMapBackend::with_buffer(&mut px, (WIDTH, HEIGHT)).into_drawing_area();
+        let style = font(TEXT_PX);
+        let short = fit_text(&root, "ΔPPL %", 200, &style).unwrap();
+        assert_eq!(short, "ΔPPL %");
+        let cut = fit_text(&root, "a very long label indeed", 100, &style).unwrap();
+        assert!(cut.ends_with('…') && cut.len() < 24, "{cut}");
+        assert!(root.estimate_text_size(&cut, &style).unwrap().0 <= 100);
         assert_eq!(
-            glyphs("Δx µs"),
-            glyphs("dx us"),
-            "common symbols become ASCII"
+            fit_text(&root, "tab\there", 200, &style).unwrap(),
+            "tab here"
         );
-        assert_eq!(glyphs("a€"), [Glyph::Ascii(b'a'), Glyph::Unknown]);
-        let long = glyphs("a very long label indeed");
-        let cut = fit(&long, 100, 2);
-        assert!(text_width(cut.len(), 2) <= 100);
-        assert!(cut.ends_with(&[Glyph::Ascii(b'.'); 3]));
+        assert_eq!(fit_text(&root, "wide", 1, &style).unwrap(), "");
     }
 
     #[test]
