@@ -5,7 +5,7 @@
 # Hamlet, n_ctx 2048 (2 chunks), and SmolLM2 at 8192 (1 chunk). Writes
 # <model>-<text>-<ctx>.{md,json,png} to OUT_DIR (default benches/results/quality). Wikitext is
 # read from $OTTKV_WIKI (default ../shared/corpus/wiki.test.raw). OTTKV_QUALITY_ROWS replaces
-# the rows. About two and a half hours on 2 cores (the 1.5B rows dominate).
+# the rows. About two hours on 2 cores (a 1.5B row takes 3–5 minutes per text).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
@@ -15,7 +15,7 @@ q15=$(./scripts/fetch.sh qwen2.5-coder-1.5b)
 wiki="${OTTKV_WIKI:-../shared/corpus/wiki.test.raw}"
 [ -f "$wiki" ] || { echo "quality: $wiki not found (set OTTKV_WIKI)" >&2; exit 1; }
 out="${1:-benches/results/quality}"
-rows="${OTTKV_QUALITY_ROWS:-llama:f16,llama:q8_0,llama:q4_0,f16,ott3a,ott4a,ottk4v2,ott3c}"
+rows="${OTTKV_QUALITY_ROWS:-llama:f16;llama:q8_0;llama:q4_0;ott3a;ott4a;ottk4v2}"
 cargo build --release --locked --quiet
 mkdir -p "$out"
 run() { # name model text ctx chunks rows
@@ -28,5 +28,5 @@ for text in "$wiki" "${fetched[1]}"; do
   run "SmolLM2-$t-2048" "${fetched[0]}" "$text" 2048 2 "$rows"
   run "Qwen0.5B-$t-2048" "$q05" "$text" 2048 2 "$rows"
   run "Qwen1.5B-$t-2048" "$q15" "$text" 2048 2 "$rows"
-  run "SmolLM2-$t-8192" "${fetched[0]}" "$text" 8192 1 "llama:f16,llama:q4_0,ott3a"
+  run "SmolLM2-$t-8192" "${fetched[0]}" "$text" 8192 1 "llama:f16;llama:q4_0;ott3a;ott4a"
 done
