@@ -25,7 +25,7 @@ pub struct SyntheticSpec {
     pub rope_freq_base: f32,
     /// No `output.weight`: logits reuse the token embedding.
     pub tied_embeddings: bool,
-    /// F32 or F16.
+    /// F32, F16, or a block type ggml's CPU quantizes to (Q4_1, Q8_0, …) for the matrices.
     pub weight_type: GgmlType,
     pub seed: u64,
     /// Key channels (within every kv head) whose `attn_k` rows are multiplied by
@@ -277,7 +277,7 @@ pub fn synthetic_model(spec: &SyntheticSpec) -> Result<GgufWriter> {
             "rope_freqs.weight",
             &[f.len() as u64],
             GgmlType::F32,
-            encode(&f, GgmlType::F32),
+            encode(&f, GgmlType::F32)?,
         )?;
     }
     let qk_norm = s.arch.has_qk_norm();
@@ -465,17 +465,18 @@ fn add_random(
     let n: u64 = dims.iter().product();
     let mut vals: Vec<f32> = (0..n).map(|_| mean + std * rng.normal()).collect();
     edit(&mut vals);
-    Ok(w.add_tensor(name, dims, ty, encode(&vals, ty))?)
+    Ok(w.add_tensor(name, dims, ty, encode(&vals, ty)?)?)
 }
 
-fn encode(vals: &[f32], ty: GgmlType) -> Vec<u8> {
-    match ty {
+fn encode(vals: &[f32], ty: GgmlType) -> Result<Vec<u8>> {
+    Ok(match ty {
+        GgmlType::F32 => vals.iter().flat_map(|&x| x.to_le_bytes()).collect(),
         GgmlType::F16 => vals
             .iter()
             .flat_map(|&x| f16::from_f32(x).to_le_bytes())
             .collect(),
-        _ => vals.iter().flat_map(|&x| x.to_le_bytes()).collect(),
-    }
+        _ => crate::ggml::quantize::quantize(ty.id(), vals)?,
+    })
 }
 
 /// A SentencePiece-style ("llama") vocabulary: unk, bos, eos, the 256 byte-fallback tokens,
