@@ -31,6 +31,9 @@ pub enum Error {
     ContextOverflow { needed: usize, n_ctx: usize },
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
+    /// A valid request this build does not run (it names what and why).
+    #[error("not supported: {0}")]
+    Unsupported(String),
     /// No usable CUDA device, or a kernel or driver call failed.
     #[error("CUDA: {0}")]
     Cuda(#[from] crate::cuda::CudaError),

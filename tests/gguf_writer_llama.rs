@@ -102,3 +102,20 @@ fn synthetic_bpe_vocab_loads_in_llama_cpp() {
     s.n_vocab = 400;
     check(&s);
 }
+
+#[test]
+fn synthetic_llama3_qwen3_gemma3_load_in_llama_cpp() {
+    let mut s = SyntheticSpec::small(Arch::Llama);
+    s.rope_freqs = true;
+    check(&s);
+    let mut s = SyntheticSpec::small(Arch::Qwen3);
+    s.vocab = ottkv::model::synthetic::SyntheticVocab::Bpe;
+    check(&s);
+    let mut s = SyntheticSpec::small(Arch::Gemma3);
+    s.head_dim = 256;
+    s.n_head_kv = 1;
+    s.sliding_window = 16;
+    s.rope_freq_base_swa = Some(10000.0);
+    s.final_logit_softcapping = Some(30.0);
+    check(&s);
+}

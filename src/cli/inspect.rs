@@ -4,6 +4,7 @@ use crate::error::Result;
 use crate::eval::memory::peak_rss_bytes;
 use crate::eval::memory::{kv_bytes_per_token, INSPECT_CACHES};
 use crate::gguf::{GgufFile, ModelHparams};
+use crate::model::Arch;
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -50,6 +51,18 @@ struct Hparams {
     rope_type: String,
     rope_freq_base: f32,
     rope_freq_scale: f32,
+    /// `<arch>.rope.scaling.type` as stored (absent: linear, as llama.cpp reads it).
+    rope_scaling_type: Option<String>,
+    /// Whether the file has Llama 3 RoPE frequency factors (`rope_freqs.weight`) and how many.
+    rope_freq_factors: Option<u64>,
+    /// Per-head RMSNorm of q and k before RoPE (qwen3, gemma3).
+    qk_norm: bool,
+    /// Sliding-window attention: the window in tokens (absent: none).
+    sliding_window: Option<u32>,
+    /// One letter per layer: `S` attends through the window, `F` over every token.
+    sliding_window_layers: Option<String>,
+    rope_freq_base_swa: Option<f32>,
+    final_logit_softcapping: Option<f32>,
     vocab_size: u32,
     tokenizer: String,
 }
@@ -89,6 +102,21 @@ pub fn run(a: &Args) -> Result<()> {
                 rope_type: format!("{:?}", h.rope_type).to_lowercase(),
                 rope_freq_base: h.rope_freq_base,
                 rope_freq_scale: h.rope_freq_scale,
+                rope_scaling_type: h.rope_scaling_type.clone(),
+                rope_freq_factors: g
+                    .tensor("rope_freqs.weight")
+                    .map(|t| t.dims.iter().product()),
+                qk_norm: Arch::from_name(&h.arch).is_some_and(Arch::has_qk_norm),
+                sliding_window: (h.n_swa > 0).then_some(h.n_swa),
+                sliding_window_layers: (h.n_swa > 0).then(|| {
+                    h.swa_layers
+                        .iter()
+                        .map(|&s| if s { 'S' } else { 'F' })
+                        .collect()
+                }),
+                rope_freq_base_swa: (h.n_swa > 0).then_some(h.rope_freq_base_swa),
+                final_logit_softcapping: (h.final_logit_softcapping != 0.0)
+                    .then_some(h.final_logit_softcapping),
                 vocab_size: h.vocab_size,
                 tokenizer: h.tokenizer_model.clone(),
             };
@@ -148,9 +176,39 @@ fn print_text(r: &Report) {
             println!("  embedding      {} (ffn {})", h.n_embd, h.n_ff);
             println!("  trained ctx    {}", h.n_ctx_train);
             println!(
-                "  rope           {} base {} scale {}",
-                h.rope_type, h.rope_freq_base, h.rope_freq_scale
+                "  rope           {} base {} scale {}{}{}",
+                h.rope_type,
+                h.rope_freq_base,
+                h.rope_freq_scale,
+                h.rope_scaling_type
+                    .as_deref()
+                    .map(|t| format!(" ({t} scaling)"))
+                    .unwrap_or_default(),
+                h.rope_freq_factors
+                    .map(|n| format!(", {n} frequency factors (rope_freqs)"))
+                    .unwrap_or_default()
             );
+            println!(
+                "  q/k norm       {}",
+                if h.qk_norm {
+                    "per-head RMSNorm before RoPE"
+                } else {
+                    "none"
+                }
+            );
+            match (h.sliding_window, &h.sliding_window_layers) {
+                (Some(w), Some(layers)) => println!(
+                    "  sliding window {w} tokens on {} of {} layers ({layers}; S = window, \
+                     F = full), window rope base {}",
+                    layers.matches('S').count(),
+                    layers.len(),
+                    h.rope_freq_base_swa.unwrap_or(f32::NAN)
+                ),
+                _ => println!("  sliding window none"),
+            }
+            if let Some(c) = h.final_logit_softcapping {
+                println!("  logit softcap  {c}");
+            }
             println!(
                 "  vocab          {} ({} tokenizer)",
                 h.vocab_size, h.tokenizer

@@ -61,6 +61,26 @@ impl Context {
         self.wrap(unsafe { sys::ggml_swiglu_split(self.as_ptr(), a.as_ptr(), b.as_ptr()) })
     }
 
+    /// `gelu(a) * b` in one op, as llama.cpp's GELU-gated FFN (gemma3).
+    pub fn geglu_split<'c>(&'c self, a: Tensor<'c>, b: Tensor<'c>) -> Result<Tensor<'c>> {
+        if a.ne() != b.ne() {
+            return bad("geglu", format!("{:?} vs {:?}", a.ne(), b.ne()));
+        }
+        // SAFETY: equal shapes.
+        self.wrap(unsafe { sys::ggml_geglu_split(self.as_ptr(), a.as_ptr(), b.as_ptr()) })
+    }
+
+    /// `a * s`.
+    pub fn scale<'c>(&'c self, a: Tensor<'c>, s: f32) -> Result<Tensor<'c>> {
+        // SAFETY: any f32 tensor is accepted.
+        self.wrap(unsafe { sys::ggml_scale(self.as_ptr(), a.as_ptr(), s) })
+    }
+
+    pub fn tanh<'c>(&'c self, a: Tensor<'c>) -> Result<Tensor<'c>> {
+        // SAFETY: any f32 tensor is accepted.
+        self.wrap(unsafe { sys::ggml_tanh(self.as_ptr(), a.as_ptr()) })
+    }
+
     /// Rows `ids` (i32, `[n]`) of `a [k, rows]` → `[k, n]` f32.
     pub fn get_rows<'c>(&'c self, a: Tensor<'c>, ids: Tensor<'c>) -> Result<Tensor<'c>> {
         if ids.ty() != sys::GGML_TYPE_I32 || ids.ne()[1] != 1 || a.ne()[2] != 1 {
@@ -191,10 +211,13 @@ impl Context {
     }
 
     /// RoPE over `a [head_dim, heads, n]` at positions `pos` (i32 `[n]`).
+    /// RoPE of `a [head_dim, heads, n]` at positions `pos` (i32 `[n]`); `freq_factors` (f32,
+    /// at least `n_dims / 2`) divide each frequency, as Llama 3's `rope_freqs`.
     pub fn rope<'c>(
         &'c self,
         a: Tensor<'c>,
         pos: Tensor<'c>,
+        freq_factors: Option<Tensor<'c>>,
         p: &RopeParams,
     ) -> Result<Tensor<'c>> {
         let na = a.ne();
@@ -208,17 +231,26 @@ impl Context {
                 format!("a {na:?} pos {:?} n_dims {}", pos.ne(), p.n_dims),
             );
         }
+        if let Some(f) = freq_factors {
+            if f.ty() != sys::GGML_TYPE_F32 || f.ne()[0] < i64::from(p.n_dims / 2) {
+                return bad(
+                    "rope",
+                    format!("freq factors {:?} for n_dims {}", f.ne(), p.n_dims),
+                );
+            }
+        }
+        let ff = freq_factors.map_or(std::ptr::null_mut(), |f| f.as_ptr());
         let mode = match p.mode {
             RopeMode::Normal => 0,
             RopeMode::Neox => 2,
         };
-        // SAFETY: checked as ggml asserts; no frequency factors.
+        // SAFETY: checked as ggml asserts (the factors' type and length included).
         self.wrap(unsafe {
             sys::ggml_rope_ext(
                 self.as_ptr(),
                 a.as_ptr(),
                 pos.as_ptr(),
-                std::ptr::null_mut(),
+                ff,
                 p.n_dims,
                 mode,
                 p.n_ctx_orig,

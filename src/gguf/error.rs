@@ -153,7 +153,7 @@ pub enum GgufError {
     },
 
     // ---- hparams ----
-    #[error("unsupported architecture '{0}' (supported: llama, qwen2)")]
+    #[error("unsupported architecture '{0}' (supported: llama, qwen2, qwen3, gemma3)")]
     UnsupportedArchitecture(String),
     #[error("invalid hyperparameter '{key}': {reason}")]
     InvalidHparam { key: String, reason: String },

@@ -1,16 +1,16 @@
 //! Model hyperparameters read from GGUF metadata, with llama.cpp's defaults,
-//! for the architectures this crate supports (llama, qwen2).
+//! for the architectures this crate supports (llama, qwen2, qwen3, gemma3).
 
 use super::error::{GgufError, Result};
 use super::header::Gguf;
-use super::value::Value;
+use super::value::{Array, Value};
 
 /// How RoPE pairs up dimensions (llama.cpp's `LLAMA_ROPE_TYPE_*`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RopeType {
     /// Adjacent pairs (x[2i], x[2i+1]): llama.
     Norm,
-    /// Split halves (x[i], x[i + n/2]): GPT-NeoX style, qwen2.
+    /// Split halves (x[i], x[i + n/2]): GPT-NeoX style, qwen2, qwen3, gemma3.
     Neox,
 }
 
@@ -33,6 +33,17 @@ pub struct ModelHparams {
     pub rope_scaling_type: Option<String>,
     pub rope_type: RopeType,
     pub rms_norm_eps: f32,
+    /// Sliding-window attention (gemma3 only; libllama reads the window for no other
+    /// architecture we run): the window in tokens, 0 when no layer has one.
+    pub n_swa: u32,
+    /// Per layer, whether it attends through the sliding window (all false when `n_swa` is 0).
+    pub swa_layers: Vec<bool>,
+    /// RoPE base and scale of the sliding-window layers (libllama's defaults 10000 and 1 when
+    /// the file has no `rope.freq_base_swa`; the scale is never read from the file).
+    pub rope_freq_base_swa: f32,
+    pub rope_freq_scale_swa: f32,
+    /// `<arch>.final_logit_softcapping` (gemma3): logits become `c * tanh(logits / c)`; 0 = off.
+    pub final_logit_softcapping: f32,
     pub vocab_size: u32,
     pub tokenizer_model: String,
     pub tokenizer_pre: Option<String>,
@@ -109,12 +120,56 @@ fn default_head_dim(embd_key: &str, n_embd: u32, n_head: u32) -> Result<u32> {
     Ok(n_embd / n_head)
 }
 
+/// gemma3's sliding window as libllama reads it: `attention.sliding_window` (0 or absent:
+/// none), then a per-layer `sliding_window_pattern` array, or a period `n` (default 6) where
+/// every layer but each `n`-th is a window layer, and the window layers' own RoPE base.
+fn sliding_window(g: &Gguf, arch: &str, n_layer: u32) -> Result<(u32, Vec<bool>, f32)> {
+    let k = |suffix: &str| format!("{arch}.{suffix}");
+    let k_swa = k("attention.sliding_window");
+    let n_swa = g.get_u32_opt(&k_swa)?.unwrap_or(0);
+    if n_swa == 0 {
+        return Ok((0, vec![false; n_layer as usize], 10000.0));
+    }
+    let k_pat = k("attention.sliding_window_pattern");
+    let layers = match g.get(&k_pat) {
+        Some(Value::Array(a)) => {
+            let flags: Vec<bool> = match a {
+                Array::Bool(v) => v.clone(),
+                Array::U32(v) => v.iter().map(|&x| x != 0).collect(),
+                Array::I32(v) => v.iter().map(|&x| x != 0).collect(),
+                _ => {
+                    return Err(invalid(
+                        &k_pat,
+                        "a per-layer pattern must be an array of bool, u32 or i32".into(),
+                    ))
+                }
+            };
+            // libllama leaves layers past a short array dense and refuses a long one; a
+            // pattern that does not name every layer is refused here outright.
+            if flags.len() != n_layer as usize {
+                return Err(invalid(
+                    &k_pat,
+                    format!("{} entries for {n_layer} layers", flags.len()),
+                ));
+            }
+            flags
+        }
+        _ => {
+            let n = g.get_u32_opt(&k_pat)?.unwrap_or(6);
+            (0..n_layer).map(|il| n == 0 || il % n < n - 1).collect()
+        }
+    };
+    let k_base = k("rope.freq_base_swa");
+    let base = positive_f32(&k_base, g.get_f32_opt(&k_base)?.unwrap_or(10000.0))?;
+    Ok((n_swa, layers, base))
+}
+
 impl ModelHparams {
     pub fn from_gguf(g: &Gguf) -> Result<ModelHparams> {
         let arch = g.get_str(ARCH_KEY)?.to_owned();
         let rope_type = match arch.as_str() {
             "llama" => RopeType::Norm,
-            "qwen2" => RopeType::Neox,
+            "qwen2" | "qwen3" | "gemma3" => RopeType::Neox,
             _ => return Err(GgufError::UnsupportedArchitecture(arch)),
         };
         let k = |suffix: &str| format!("{arch}.{suffix}");
@@ -195,6 +250,11 @@ impl ModelHparams {
         // scaling". Other types (yarn, ...) are not applied as a plain
         // frequency scale here.
         let linear = matches!(rope_scaling_type.as_deref(), None | Some("linear"));
+        // libllama falls back to the old key name when the new one is absent.
+        let k_factor = match g.get(&k_factor) {
+            None if g.get(&k("rope.scale_linear")).is_some() => k("rope.scale_linear"),
+            _ => k_factor,
+        };
         let rope_freq_scale = match g.get_f32_opt(&k_factor)? {
             Some(f) if linear && f != 0.0 => 1.0 / positive_f32(&k_factor, f)?,
             _ => 1.0,
@@ -202,6 +262,18 @@ impl ModelHparams {
 
         let k_eps = k("attention.layer_norm_rms_epsilon");
         let rms_norm_eps = positive_f32(&k_eps, g.get_f32_opt(&k_eps)?.unwrap_or(1e-5))?;
+
+        let (n_swa, swa_layers, rope_freq_base_swa) = if arch == "gemma3" {
+            sliding_window(g, &arch, n_layer)?
+        } else {
+            (0, vec![false; n_layer as usize], 10000.0)
+        };
+        let k_cap = k("final_logit_softcapping");
+        let final_logit_softcapping = match g.get_f32_opt(&k_cap)? {
+            None => 0.0,
+            Some(0.0) => 0.0,
+            Some(c) => positive_f32(&k_cap, c)?,
+        };
 
         let k_vocab = k("vocab_size");
         let vocab_size = match g.get(TOKENS_KEY) {
@@ -237,6 +309,15 @@ impl ModelHparams {
             rope_scaling_type,
             rope_type,
             rms_norm_eps,
+            n_swa,
+            swa_layers,
+            rope_freq_base_swa,
+            rope_freq_scale_swa: 1.0,
+            final_logit_softcapping: if arch == "gemma3" {
+                final_logit_softcapping
+            } else {
+                0.0
+            },
             vocab_size,
             tokenizer_model: g.get_str("tokenizer.ggml.model")?.to_owned(),
             tokenizer_pre: g.get_str_opt("tokenizer.ggml.pre")?.map(str::to_owned),

@@ -6,8 +6,10 @@
 //! on hyperparameters and on the vocabulary. So a model is only handed on once its metadata
 //! ([`ModelHparams`], [`check_vocab`]) and every tensor's name, shape and type per role have
 //! been checked here; a tensor neither engine would use the same way is refused too (libllama
-//! builds optional tensors such as `rope_freqs` or a fused `attn_qkv` into its graph with
-//! asserts of their own, which our engine would silently ignore).
+//! builds optional tensors such as a fused `attn_qkv` or output biases into its graph with
+//! asserts of their own, which our engine would silently ignore). Likewise a hyperparameter
+//! that changes libllama's graph in a way ours does not follow (YaRN or LongRoPE scaling, a
+//! RoPE attention factor, per-layer head sizes) is refused, naming it.
 
 use std::collections::HashSet;
 
@@ -79,6 +81,15 @@ const UNSUPPORTED_COUNTS: &[(&str, &str)] = &[
 const TENSOR_ALIGNMENT: u32 = 32;
 /// libllama asserts that the RoPE scaling type is one of these.
 const ROPE_SCALING_TYPES: &[&str] = &["none", "linear", "yarn", "longrope"];
+/// The RoPE scaling types our graph applies as libllama does (a plain frequency scale).
+const ROPE_SCALING_RUN: &[&str] = &["none", "linear"];
+/// Head and RoPE sizes libllama reads for sliding-window layers; our graph has one size for
+/// every layer, so each must equal its full-attention counterpart when present.
+const SWA_SHAPE_KEYS: &[(&str, &str)] = &[
+    ("attention.key_length_swa", "attention.key_length"),
+    ("attention.value_length_swa", "attention.value_length"),
+    ("rope.dimension_count_swa", "rope.dimension_count"),
+];
 
 /// The tensors of `arch` with these hyperparameters, in file order of a converted model.
 pub(crate) fn slots(arch: Arch, hp: &ModelHparams) -> Vec<Slot> {
@@ -101,7 +112,17 @@ pub(crate) fn slots(arch: Arch, hp: &ModelHparams) -> Vec<Slot> {
         slot("output_norm.weight".into(), &[e], Role::Vector, true),
         slot("output.weight".into(), &[e, vocab], Role::Matrix, false),
     ];
+    if arch == Arch::Llama {
+        // Llama 3's frequency factors: libllama passes them to every layer's RoPE.
+        out.push(slot(
+            "rope_freqs.weight".into(),
+            &[u64::from(hp.rope_dim / 2)],
+            Role::Vector,
+            false,
+        ));
+    }
     let qwen = arch == Arch::Qwen2;
+    let gemma = arch == Arch::Gemma3;
     for l in 0..hp.n_layer {
         let n = |s: &str| format!("blk.{l}.{s}");
         out.push(slot(n("attn_norm.weight"), &[e], Role::Vector, true));
@@ -113,16 +134,31 @@ pub(crate) fn slots(arch: Arch, hp: &ModelHparams) -> Vec<Slot> {
             out.push(slot(n("attn_k.bias"), &[kv_dim], Role::Vector, true));
             out.push(slot(n("attn_v.bias"), &[kv_dim], Role::Vector, true));
         }
+        if arch.has_qk_norm() {
+            out.push(slot(n("attn_q_norm.weight"), &[hd], Role::Vector, true));
+            out.push(slot(n("attn_k_norm.weight"), &[hd], Role::Vector, true));
+        }
         out.push(slot(
             n("attn_output.weight"),
             &[q_dim, e],
             Role::Matrix,
             true,
         ));
+        if gemma {
+            out.push(slot(
+                n("post_attention_norm.weight"),
+                &[e],
+                Role::Vector,
+                true,
+            ));
+        }
         out.push(slot(n("ffn_norm.weight"), &[e], Role::Vector, true));
         out.push(slot(n("ffn_gate.weight"), &[e, ff], Role::Matrix, true));
         out.push(slot(n("ffn_up.weight"), &[e, ff], Role::Matrix, true));
         out.push(slot(n("ffn_down.weight"), &[ff, e], Role::Matrix, true));
+        if gemma {
+            out.push(slot(n("post_ffw_norm.weight"), &[e], Role::Vector, true));
+        }
     }
     out
 }
@@ -207,6 +243,42 @@ fn check_arch_keys(g: &Gguf, arch: &str) -> Result<(), GgufError> {
                 ),
             });
         }
+        if !ROPE_SCALING_RUN.contains(&t) {
+            return Err(GgufError::InvalidHparam {
+                key,
+                reason: format!(
+                    "RoPE scaling type {t:?} is not supported (ottkv runs {})",
+                    ROPE_SCALING_RUN.join(", ")
+                ),
+            });
+        }
+    }
+    // libllama multiplies RoPE's attention factor by this; our graph keeps it at 1.
+    let key = format!("{arch}.rope.scaling.attn_factor");
+    if let Some(f) = g.get_f32_opt(&key)? {
+        if f != 1.0 {
+            return Err(GgufError::InvalidHparam {
+                key,
+                reason: format!("RoPE attention factor {f} is not supported (only 1)"),
+            });
+        }
+    }
+    for (swa, full) in SWA_SHAPE_KEYS {
+        let key = format!("{arch}.{swa}");
+        let Some(v) = g.get_u32_opt(&key)? else {
+            continue;
+        };
+        let full_key = format!("{arch}.{full}");
+        let full_v = g.get_u32_opt(&full_key)?;
+        if full_v != Some(v) {
+            return Err(GgufError::InvalidHparam {
+                key,
+                reason: format!(
+                    "{v} differs from {full_key} ({}): per-layer head sizes are not supported",
+                    full_v.map_or("absent".to_owned(), |x| x.to_string())
+                ),
+            });
+        }
     }
     Ok(())
 }
@@ -215,11 +287,8 @@ fn check_arch_keys(g: &Gguf, arch: &str) -> Result<(), GgufError> {
 /// documentation). Reads only the header: no tensor data.
 pub fn check_model(g: &Gguf) -> Result<CheckedModel> {
     let hp = ModelHparams::from_gguf(g)?;
-    let arch = match hp.arch.as_str() {
-        "llama" => Arch::Llama,
-        "qwen2" => Arch::Qwen2,
-        other => return Err(GgufError::UnsupportedArchitecture(other.to_owned()).into()),
-    };
+    let arch = Arch::from_name(&hp.arch)
+        .ok_or_else(|| GgufError::UnsupportedArchitecture(hp.arch.clone()))?;
     check_arch_keys(g, &hp.arch)?;
     // ggml's CPU buffers over the mapping assert that tensor data is 32-byte aligned
     // (`TENSOR_ALIGNMENT`); gguf itself allows any power of two.
@@ -270,7 +339,11 @@ pub fn check_model(g: &Gguf) -> Result<CheckedModel> {
         .find(|t| !known.contains(t.name.as_str()))
     {
         let why = if t.name.starts_with("rope_") || t.name.contains(".rope_") {
-            "per-frequency RoPE factors (Llama 3.1-style scaling) are not supported".to_owned()
+            format!(
+                "per-frequency RoPE factors are only supported as a llama model's shared \
+                 rope_freqs.weight (this is a {} file)",
+                hp.arch
+            )
         } else {
             format!(
                 "not a tensor of a {}-layer {} model (ottkv runs no optional or extra \

@@ -16,6 +16,9 @@ pub(crate) struct KvInputs<'c> {
     /// ggml caches: destination rows (i64 `[n]`) and the causal mask (f16 `[n_kv, n]`).
     pub idxs: Option<Tensor<'c>>,
     pub mask: Option<Tensor<'c>>,
+    /// The causal mask narrowed to the sliding window, for the window layers (f16
+    /// `[n_kv, n]`), when the model has any.
+    pub mask_swa: Option<Tensor<'c>>,
     pub n_kv: usize,
 }
 
@@ -29,6 +32,8 @@ pub(crate) struct GgmlKv {
     rot_v: Option<*mut sys::ggml_tensor>,
     n_ctx: usize,
     bytes: usize,
+    /// Sliding window in tokens (0: no layer has one).
+    n_swa: usize,
 }
 
 // SAFETY: the raw tensor pointers all point into `ctx`, which GgmlKv owns and moves with it;
@@ -91,6 +96,11 @@ impl GgmlKv {
             Ok(Some(t.as_ptr()))
         };
         let (rot_k, rot_v) = (rot(rk)?, rot(rv)?);
+        let n_swa = if hp.swa_layers.iter().any(|&s| s) {
+            hp.n_swa as usize
+        } else {
+            0
+        };
         Ok(Self {
             ctx,
             k,
@@ -99,6 +109,7 @@ impl GgmlKv {
             rot_v,
             n_ctx,
             bytes,
+            n_swa,
         })
     }
 
@@ -214,6 +225,21 @@ impl Kv {
                 n_ctx,
             )?)),
             CacheKind::Ott(cfg) => {
+                // Our cache attends over every token it holds; a window that can cut some off
+                // (a window layer, more cells than the window) would need masking inside its
+                // groups, which it does not have.
+                if hp.swa_layers.iter().any(|&s| s) && n_ctx > hp.n_swa as usize {
+                    return Err(Error::Unsupported(format!(
+                        "our cache ({cfg}) with sliding-window attention: {} has a {}-token \
+                         window on {} of {} layers and n_ctx {n_ctx} exceeds it; use n_ctx \
+                         <= {} or a ggml cache (f16, q8_0, q4_0)",
+                        hp.arch,
+                        hp.n_swa,
+                        hp.swa_layers.iter().filter(|&&s| s).count(),
+                        hp.n_layer,
+                        hp.n_swa
+                    )));
+                }
                 let shape = CacheShape {
                     n_layer: hp.n_layer as usize,
                     n_head_kv: hp.n_head_kv as usize,
@@ -321,15 +347,24 @@ impl Kv {
                 let mask = ctx.new_tensor(sys::GGML_TYPE_F16, &[n_kv as i64, n as i64])?;
                 idxs.set_input();
                 mask.set_input();
+                let mask_swa = if g.n_swa > 0 {
+                    let m = ctx.new_tensor(sys::GGML_TYPE_F16, &[n_kv as i64, n as i64])?;
+                    m.set_input();
+                    Some(m)
+                } else {
+                    None
+                };
                 Ok(KvInputs {
                     idxs: Some(idxs),
                     mask: Some(mask),
+                    mask_swa,
                     n_kv,
                 })
             }
             Kv::Ott(_) => Ok(KvInputs {
                 idxs: None,
                 mask: None,
+                mask_swa: None,
                 n_kv: n_past + n,
             }),
         }
@@ -342,21 +377,31 @@ impl Kv {
                 .flat_map(|p| (p as i64).to_le_bytes())
                 .collect();
             idxs.set_bytes(&ids)?;
-            // [n][n_kv]: query i (position n_past + i) sees cells 0..=n_past + i.
+            // [n][n_kv]: query i (position n_past + i) sees cells 0..=n_past + i (cell j holds
+            // position j); through a window of w tokens only those with n_past + i - j < w,
+            // as llama.cpp's standard sliding window.
             let (zero, ninf) = (f16::ZERO.to_le_bytes(), f16::NEG_INFINITY.to_le_bytes());
-            let mut m = Vec::with_capacity(n * inp.n_kv * 2);
-            for i in 0..n {
-                for j in 0..inp.n_kv {
-                    m.extend_from_slice(if j <= n_past + i { &zero } else { &ninf });
+            let build = |window: usize| {
+                let mut m = Vec::with_capacity(n * inp.n_kv * 2);
+                for i in 0..n {
+                    let p = n_past + i;
+                    for j in 0..inp.n_kv {
+                        let keep = j <= p && p - j < window;
+                        m.extend_from_slice(if keep { &zero } else { &ninf });
+                    }
                 }
+                m
+            };
+            mask.set_bytes(&build(usize::MAX))?;
+            if let (Some(ms), Kv::Ggml(g)) = (inp.mask_swa, self) {
+                ms.set_bytes(&build(g.n_swa))?;
             }
-            mask.set_bytes(&m)?;
         }
         Ok(())
     }
 
     /// Attention of layer `layer` for new `q [hd, nh, n]`, `k`/`v [hd, nkv, n]` (post-RoPE),
-    /// returning `[hd * nh, n]`.
+    /// returning `[hd * nh, n]`; `swa`: through the sliding window.
     #[allow(clippy::too_many_arguments)]
     pub fn attention<'c>(
         &'c self,
@@ -369,6 +414,7 @@ impl Kv {
         k: Tensor<'c>,
         v: Tensor<'c>,
         scale: f32,
+        swa: bool,
     ) -> Result<Tensor<'c>> {
         let [hd, nh, n, _] = q.ne();
         let nkv = k.ne()[1];
@@ -384,10 +430,11 @@ impl Kv {
                     ctx.reshape_3d(y, ne[0], ne[1], ne[2])
                 };
                 let (q, k, v) = (rot(q, g.rot_k)?, rot(k, g.rot_k)?, rot(v, g.rot_v)?);
-                let (idxs, mask) = (
-                    inp.idxs.expect("ggml inputs"),
-                    inp.mask.expect("ggml inputs"),
-                );
+                let idxs = inp.idxs.expect("ggml inputs");
+                let mask = match (swa, inp.mask_swa) {
+                    (true, Some(m)) => m,
+                    _ => inp.mask.expect("ggml inputs"),
+                };
                 let (kc, vc) = (g.t(g.k[layer]), g.t(g.v[layer]));
                 graph.expand(ctx.set_rows(kc, ctx.reshape_2d(k, hd * nkv, n)?, idxs)?);
                 graph.expand(ctx.set_rows(vc, ctx.reshape_2d(v, hd * nkv, n)?, idxs)?);

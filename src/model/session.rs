@@ -1,11 +1,16 @@
 //! A sequence being decoded: the model, a KV cache, the position, and the graph per
-//! (sub-)batch: embeddings → per layer [RMSNorm, Q/K/V (+bias), RoPE, cache write +
-//! attention, output projection, residual, RMSNorm, SwiGLU FFN, residual] → norm → logits.
+//! (sub-)batch: embeddings (gemma3: scaled by √n_embd) → per layer [RMSNorm, Q/K/V (+bias),
+//! per-head q/k RMSNorm (qwen3, gemma3), RoPE (with Llama 3 frequency factors when the file
+//! has them; gemma3's window layers with their own base), cache write + attention (gemma3's
+//! window layers through a sliding-window mask), output projection (gemma3: post-norm),
+//! residual, RMSNorm, SwiGLU FFN (gemma3: GELU-gated, post-norm), residual] → norm → logits
+//! (gemma3: optional soft-capping).
 
 use super::kv::Kv;
 use super::weights::{Arch, Model, W};
 use crate::error::{Error, Result};
 use crate::ggml::{sys, Context, GraphAllocator, RopeMode, RopeParams, Tensor, GRAPH_NODES};
+use crate::gguf::RopeType;
 use crate::kind::CacheKind;
 
 /// Settings of a decoding session.
@@ -129,7 +134,19 @@ impl<'m> Session<'m> {
         let hp = &m.hparams;
         let n = tokens.len();
         let (hd, nh, nkv) = (hp.head_dim_k as i64, hp.n_head as i64, hp.n_head_kv as i64);
-        let scale = 1.0 / (hd as f32).sqrt();
+        let gemma = m.arch == Arch::Gemma3;
+        // gemma3 scales q before attention and attends with scale 1 (its 27B, the one
+        // 62-layer model, by n_embd / n_head rather than the head size), as llama.cpp does.
+        let (q_scale, scale) = if gemma {
+            let d = if hp.n_layer == 62 {
+                hp.n_embd / hp.n_head
+            } else {
+                hp.head_dim_k
+            };
+            (Some(1.0 / (d as f32).sqrt()), 1.0)
+        } else {
+            (None, 1.0 / (hd as f32).sqrt())
+        };
         let ops = self.kv.ops(hp.n_layer as usize, n, nh as usize, scale);
         let ctx = Context::new(Context::overhead(GRAPH_NODES, GRAPH_NODES), true)?;
         let graph = ctx.new_graph(GRAPH_NODES)?;
@@ -139,12 +156,11 @@ impl<'m> Session<'m> {
         inp_tok.set_input();
         inp_pos.set_input();
         let kv_inp = self.kv.inputs(&ctx, self.n_past, n)?;
-        let rope = RopeParams {
+        let rope_full = RopeParams {
             n_dims: hp.rope_dim as i32,
-            mode: if m.arch == Arch::Qwen2 {
-                RopeMode::Neox
-            } else {
-                RopeMode::Normal
+            mode: match hp.rope_type {
+                RopeType::Norm => RopeMode::Normal,
+                RopeType::Neox => RopeMode::Neox,
             },
             n_ctx_orig: hp.n_ctx_train as i32,
             freq_base: hp.rope_freq_base,
@@ -154,27 +170,56 @@ impl<'m> Session<'m> {
             beta_fast: 32.0,
             beta_slow: 1.0,
         };
+        let rope_swa = RopeParams {
+            freq_base: hp.rope_freq_base_swa,
+            freq_scale: hp.rope_freq_scale_swa,
+            ..rope_full
+        };
+        let freq_factors = m.rope_freqs.map(|w| m.t(w));
         let eps = hp.rms_norm_eps;
         let lin = |w, x| linear(&ctx, m, w, x);
         let with_bias = |x, b| bias(&ctx, m, x, b);
+        let norm = |x, w: W| ctx.mul(ctx.rms_norm(x, eps)?, m.t(w));
+        let opt_norm = |x, w: Option<W>| match w {
+            Some(w) => norm(x, w),
+            None => Ok(x),
+        };
 
         // [n_embd, n]
         let mut x = ctx.get_rows(m.t(m.tok_embd), inp_tok)?;
+        if gemma {
+            x = ctx.scale(x, (hp.n_embd as f32).sqrt())?;
+        }
         for (l, lw) in m.layers.iter().enumerate() {
-            let cur = ctx.mul(ctx.rms_norm(x, eps)?, m.t(lw.attn_norm))?;
+            let swa = hp.swa_layers.get(l).copied().unwrap_or(false);
+            let rope = if swa { &rope_swa } else { &rope_full };
+            let cur = norm(x, lw.attn_norm)?;
             let q = with_bias(lin(lw.wq, cur)?, lw.bq)?;
             let k = with_bias(lin(lw.wk, cur)?, lw.bk)?;
             let v = with_bias(lin(lw.wv, cur)?, lw.bv)?;
-            let q = ctx.rope(ctx.reshape_3d(q, hd, nh, n as i64)?, inp_pos, &rope)?;
-            let k = ctx.rope(ctx.reshape_3d(k, hd, nkv, n as i64)?, inp_pos, &rope)?;
+            // [hd, heads, n]: the q/k norms act per head.
+            let q = opt_norm(ctx.reshape_3d(q, hd, nh, n as i64)?, lw.q_norm)?;
+            let k = opt_norm(ctx.reshape_3d(k, hd, nkv, n as i64)?, lw.k_norm)?;
+            let mut q = ctx.rope(q, inp_pos, freq_factors, rope)?;
+            let k = ctx.rope(k, inp_pos, freq_factors, rope)?;
+            if let Some(s) = q_scale {
+                q = ctx.scale(q, s)?;
+            }
             let v = ctx.reshape_3d(v, hd, nkv, n as i64)?;
-            let att = self
-                .kv
-                .attention(&ctx, &graph, &kv_inp, ops.as_ref(), l, q, k, v, scale)?;
-            x = ctx.add(lin(lw.wo, att)?, x)?;
-            let cur = ctx.mul(ctx.rms_norm(x, eps)?, m.t(lw.ffn_norm))?;
-            let ff = ctx.swiglu_split(lin(lw.ffn_gate, cur)?, lin(lw.ffn_up, cur)?)?;
-            x = ctx.add(lin(lw.ffn_down, ff)?, x)?;
+            let att =
+                self.kv
+                    .attention(&ctx, &graph, &kv_inp, ops.as_ref(), l, q, k, v, scale, swa)?;
+            let att = opt_norm(lin(lw.wo, att)?, lw.attn_post_norm)?;
+            x = ctx.add(att, x)?;
+            let cur = norm(x, lw.ffn_norm)?;
+            let (gate, up) = (lin(lw.ffn_gate, cur)?, lin(lw.ffn_up, cur)?);
+            let ff = if gemma {
+                ctx.geglu_split(gate, up)?
+            } else {
+                ctx.swiglu_split(gate, up)?
+            };
+            let ff = opt_norm(lin(lw.ffn_down, ff)?, lw.ffn_post_norm)?;
+            x = ctx.add(ff, x)?;
         }
         let inp_out = match logits {
             Some(true) => {
@@ -186,8 +231,12 @@ impl<'m> Session<'m> {
             _ => None,
         };
         let out = if logits.is_some() {
-            let xn = ctx.mul(ctx.rms_norm(x, eps)?, m.t(m.output_norm))?;
-            lin(m.output, xn)?
+            let mut out = lin(m.output, norm(x, m.output_norm)?)?;
+            let cap = hp.final_logit_softcapping;
+            if cap != 0.0 {
+                out = ctx.scale(ctx.tanh(ctx.scale(out, 1.0 / cap)?)?, cap)?;
+            }
+            out
         } else {
             x
         };

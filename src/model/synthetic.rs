@@ -1,25 +1,13 @@
-//! Random-weight `llama` / `qwen2` models written with our GGUF writer, so architectures and
-//! edge shapes (GQA, odd context lengths, head_dim 64/128, planted outlier key channels) can be
-//! tested against llama.cpp on the same file without downloading anything.
+//! Random-weight `llama` / `qwen2` / `qwen3` / `gemma3` models written with our GGUF writer, so
+//! architectures and edge shapes (GQA and MQA, odd context lengths, head_dim 64/128/256, Llama 3
+//! RoPE frequency factors, sliding windows, planted outlier key channels) can be tested against
+//! llama.cpp on the same file without downloading anything.
 
 use crate::error::{Error, Result};
 use crate::gguf::{GgmlType, GgufWriter, Value};
 use half::f16;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Arch {
-    Llama,
-    Qwen2,
-}
-
-impl Arch {
-    pub fn name(self) -> &'static str {
-        match self {
-            Arch::Llama => "llama",
-            Arch::Qwen2 => "qwen2",
-        }
-    }
-}
+pub use super::weights::Arch;
 
 /// Shape and content of a synthetic model.
 #[derive(Clone, Debug)]
@@ -37,7 +25,7 @@ pub struct SyntheticSpec {
     pub rope_freq_base: f32,
     /// No `output.weight`: logits reuse the token embedding.
     pub tied_embeddings: bool,
-    /// F32 or F16.
+    /// F32, F16, or a block type ggml's CPU quantizes to (Q4_1, Q8_0, …) for the matrices.
     pub weight_type: GgmlType,
     pub seed: u64,
     /// Key channels (within every kv head) whose `attn_k` rows are multiplied by
@@ -54,6 +42,17 @@ pub struct SyntheticSpec {
     pub q_gain: f32,
     /// The tokenizer written into the file.
     pub vocab: SyntheticVocab,
+    /// Llama only: write a `rope_freqs.weight` of Llama 3.1's frequency factors (scale 8,
+    /// low/high frequency factors 1 and 4, original context `rope_freqs_orig_ctx`).
+    pub rope_freqs: bool,
+    pub rope_freqs_orig_ctx: u32,
+    /// gemma3 only: `attention.sliding_window` (0: not written), and what else describes it
+    /// when set (each `None` leaves the key out, so llama.cpp's defaults apply).
+    pub sliding_window: u32,
+    pub sliding_window_pattern: Option<u32>,
+    pub rope_freq_base_swa: Option<f32>,
+    /// gemma3 only: `final_logit_softcapping` (None: not written).
+    pub final_logit_softcapping: Option<f32>,
 }
 
 /// Tokenizers a synthetic model can carry (the two libllama runs for llama and qwen2).
@@ -87,8 +86,36 @@ impl SyntheticSpec {
             outlier_bias: 0.0,
             q_gain: 1.0,
             vocab: SyntheticVocab::Spm,
+            rope_freqs: false,
+            rope_freqs_orig_ctx: 8192,
+            sliding_window: 0,
+            sliding_window_pattern: None,
+            rope_freq_base_swa: None,
+            final_logit_softcapping: None,
         }
     }
+}
+
+/// Llama 3.1's RoPE frequency factors (what its converter writes as `rope_freqs.weight`):
+/// 1 for wavelengths under `orig_ctx / 4`, 8 above `orig_ctx`, a smooth blend between.
+pub fn llama3_rope_factors(head_dim: u32, base: f32, orig_ctx: u32) -> Vec<f32> {
+    let (factor, low, high) = (8.0f64, 1.0f64, 4.0f64);
+    let ctx = f64::from(orig_ctx);
+    (0..head_dim / 2)
+        .map(|i| {
+            let freq = 1.0 / f64::from(base).powf(f64::from(2 * i) / f64::from(head_dim));
+            let wavelen = std::f64::consts::TAU / freq;
+            let f = if wavelen < ctx / high {
+                1.0
+            } else if wavelen > ctx / low {
+                factor
+            } else {
+                let smooth = (ctx / wavelen - low) / (high - low);
+                1.0 / ((1.0 - smooth) / factor + smooth)
+            };
+            f as f32
+        })
+        .collect()
 }
 
 /// SplitMix64 followed by a Box–Muller normal: deterministic across platforms, no dependency.
@@ -178,6 +205,32 @@ pub fn synthetic_model(spec: &SyntheticSpec) -> Result<GgufWriter> {
         &format!("{arch}.rope.dimension_count"),
         Value::U32(s.head_dim),
     )?;
+    if s.arch == Arch::Gemma3 {
+        if s.sliding_window > 0 {
+            kv(
+                &mut w,
+                &format!("{arch}.attention.sliding_window"),
+                Value::U32(s.sliding_window),
+            )?;
+        }
+        if let Some(p) = s.sliding_window_pattern {
+            kv(
+                &mut w,
+                &format!("{arch}.attention.sliding_window_pattern"),
+                Value::U32(p),
+            )?;
+        }
+        if let Some(b) = s.rope_freq_base_swa {
+            kv(&mut w, &format!("{arch}.rope.freq_base_swa"), Value::F32(b))?;
+        }
+        if let Some(c) = s.final_logit_softcapping {
+            kv(
+                &mut w,
+                &format!("{arch}.final_logit_softcapping"),
+                Value::F32(c),
+            )?;
+        }
+    }
     match s.vocab {
         SyntheticVocab::Spm => add_spm_vocab(&mut w, s.n_vocab)?,
         SyntheticVocab::Bpe => add_bpe_vocab(&mut w, s.n_vocab)?,
@@ -218,6 +271,17 @@ pub fn synthetic_model(spec: &SyntheticSpec) -> Result<GgufWriter> {
             |_| {},
         )?;
     }
+    if s.rope_freqs && s.arch == Arch::Llama {
+        let f = llama3_rope_factors(s.head_dim, s.rope_freq_base, s.rope_freqs_orig_ctx);
+        w.add_tensor(
+            "rope_freqs.weight",
+            &[f.len() as u64],
+            GgmlType::F32,
+            encode(&f, GgmlType::F32)?,
+        )?;
+    }
+    let qk_norm = s.arch.has_qk_norm();
+    let gemma = s.arch == Arch::Gemma3;
     for l in 0..s.n_layer {
         let b = format!("blk.{l}");
         add_random(
@@ -301,6 +365,19 @@ pub fn synthetic_model(spec: &SyntheticSpec) -> Result<GgufWriter> {
                 |_| {},
             )?;
         }
+        if qk_norm {
+            for t in ["attn_q_norm", "attn_k_norm"] {
+                add_random(
+                    &mut w,
+                    &mut rng,
+                    ty,
+                    &format!("{b}.{t}.weight"),
+                    &[hd],
+                    (0.05, 1.0),
+                    |_| {},
+                )?;
+            }
+        }
         add_random(
             &mut w,
             &mut rng,
@@ -310,6 +387,17 @@ pub fn synthetic_model(spec: &SyntheticSpec) -> Result<GgufWriter> {
             (proj(q_dim), 0.0),
             |_| {},
         )?;
+        if gemma {
+            add_random(
+                &mut w,
+                &mut rng,
+                ty,
+                &format!("{b}.post_attention_norm.weight"),
+                &[e],
+                (0.05, 1.0),
+                |_| {},
+            )?;
+        }
         add_random(
             &mut w,
             &mut rng,
@@ -346,6 +434,17 @@ pub fn synthetic_model(spec: &SyntheticSpec) -> Result<GgufWriter> {
             (proj(s.n_ff as u64), 0.0),
             |_| {},
         )?;
+        if gemma {
+            add_random(
+                &mut w,
+                &mut rng,
+                ty,
+                &format!("{b}.post_ffw_norm.weight"),
+                &[e],
+                (0.05, 1.0),
+                |_| {},
+            )?;
+        }
     }
     Ok(w)
 }
@@ -366,17 +465,18 @@ fn add_random(
     let n: u64 = dims.iter().product();
     let mut vals: Vec<f32> = (0..n).map(|_| mean + std * rng.normal()).collect();
     edit(&mut vals);
-    Ok(w.add_tensor(name, dims, ty, encode(&vals, ty))?)
+    Ok(w.add_tensor(name, dims, ty, encode(&vals, ty)?)?)
 }
 
-fn encode(vals: &[f32], ty: GgmlType) -> Vec<u8> {
-    match ty {
+fn encode(vals: &[f32], ty: GgmlType) -> Result<Vec<u8>> {
+    Ok(match ty {
+        GgmlType::F32 => vals.iter().flat_map(|&x| x.to_le_bytes()).collect(),
         GgmlType::F16 => vals
             .iter()
             .flat_map(|&x| f16::from_f32(x).to_le_bytes())
             .collect(),
-        _ => vals.iter().flat_map(|&x| x.to_le_bytes()).collect(),
-    }
+        _ => crate::ggml::quantize::quantize(ty.id(), vals)?,
+    })
 }
 
 /// A SentencePiece-style ("llama") vocabulary: unk, bos, eos, the 256 byte-fallback tokens,

@@ -22,8 +22,14 @@ pub(crate) struct LayerWeights {
     pub bq: Option<W>,
     pub bk: Option<W>,
     pub bv: Option<W>,
+    /// Per-head RMSNorm weights of q and k (qwen3, gemma3), `[head_dim]`.
+    pub q_norm: Option<W>,
+    pub k_norm: Option<W>,
     pub wo: W,
+    /// gemma3: RMSNorm weights of the attention and FFN outputs before their residual adds.
+    pub attn_post_norm: Option<W>,
     pub ffn_norm: W,
+    pub ffn_post_norm: Option<W>,
     pub ffn_gate: W,
     pub ffn_up: W,
     pub ffn_down: W,
@@ -34,6 +40,31 @@ pub(crate) struct LayerWeights {
 pub enum Arch {
     Llama,
     Qwen2,
+    Qwen3,
+    Gemma3,
+}
+
+impl Arch {
+    /// The `general.architecture` name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Arch::Llama => "llama",
+            Arch::Qwen2 => "qwen2",
+            Arch::Qwen3 => "qwen3",
+            Arch::Gemma3 => "gemma3",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Self> {
+        [Arch::Llama, Arch::Qwen2, Arch::Qwen3, Arch::Gemma3]
+            .into_iter()
+            .find(|a| a.name() == name)
+    }
+
+    /// Whether q and k go through a per-head RMSNorm before RoPE.
+    pub fn has_qk_norm(self) -> bool {
+        matches!(self, Arch::Qwen3 | Arch::Gemma3)
+    }
 }
 
 /// A loaded model: hyperparameters, the mapping and ggml tensors over it.
@@ -46,6 +77,8 @@ pub struct Model {
     pub(crate) tok_embd: W,
     pub(crate) output_norm: W,
     pub(crate) output: W,
+    /// Llama 3 RoPE frequency factors `[rope_dim / 2]`, shared by every layer.
+    pub(crate) rope_freqs: Option<W>,
     pub(crate) layers: Vec<LayerWeights>,
     pub arch: Arch,
     pub hparams: ModelHparams,
@@ -112,8 +145,12 @@ impl Model {
                 bq: opt(&n("attn_q.bias")),
                 bk: opt(&n("attn_k.bias")),
                 bv: opt(&n("attn_v.bias")),
+                q_norm: opt(&n("attn_q_norm.weight")),
+                k_norm: opt(&n("attn_k_norm.weight")),
                 wo: get(&n("attn_output.weight"))?,
+                attn_post_norm: opt(&n("post_attention_norm.weight")),
                 ffn_norm: get(&n("ffn_norm.weight"))?,
+                ffn_post_norm: opt(&n("post_ffw_norm.weight")),
                 ffn_gate: get(&n("ffn_gate.weight"))?,
                 ffn_up: get(&n("ffn_up.weight"))?,
                 ffn_down: get(&n("ffn_down.weight"))?,
@@ -164,6 +201,7 @@ impl Model {
             tok_embd,
             output_norm,
             output,
+            rope_freqs: opt("rope_freqs.weight"),
             layers,
             arch,
             hparams: hp,
