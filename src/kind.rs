@@ -162,14 +162,8 @@ impl CacheRow {
         Ok(match &self.kind {
             CacheKind::Block { ty, .. } => ggml(*ty),
             CacheKind::Ott(c) => {
-                let shape = crate::cache::CacheShape {
-                    n_layer: hp.n_layer as usize,
-                    n_head_kv: hp.n_head_kv as usize,
-                    head_dim: hp.head_dim_k as usize,
-                    max_tokens: n_tokens,
-                };
-                let m = crate::cache::expected_memory(c, &shape, n_tokens)?;
-                m.total as f64 * 8.0 / (elems * n_tokens as f64)
+                let bytes = crate::model::kv::ott_expected_bytes(c, hp, n_tokens)?;
+                bytes as f64 * 8.0 / (elems * n_tokens as f64)
             }
         })
     }

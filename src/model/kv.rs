@@ -20,6 +20,9 @@ pub(crate) struct KvInputs<'c> {
     /// `[n_kv, n]`), when the model has any.
     pub mask_swa: Option<Tensor<'c>>,
     pub n_kv: usize,
+    /// Our cache's exact window layers: ring cells of the new tokens (i64 `[n]`) and the
+    /// window mask over the whole ring (f16 `[cells, n]`).
+    pub ring: Option<(Tensor<'c>, Tensor<'c>)>,
 }
 
 pub(crate) struct GgmlKv {
@@ -49,6 +52,174 @@ fn hadamard_matrix(n: usize) -> Vec<f32> {
     m
 }
 
+/// `n_layers` pairs of zeroed K/V tensors `[row, cells]` of type `ty` in `ctx`.
+fn zeroed_rows(
+    ctx: &Context,
+    ty: sys::ggml_type,
+    row: usize,
+    cells: usize,
+    n_layers: usize,
+) -> Result<(Vec<*mut sys::ggml_tensor>, Vec<*mut sys::ggml_tensor>)> {
+    let mut k = Vec::with_capacity(n_layers);
+    let mut v = Vec::with_capacity(n_layers);
+    for _ in 0..n_layers {
+        for dst in [&mut k, &mut v] {
+            let t = ctx.new_tensor(ty, &[row as i64, cells as i64])?;
+            // Never-written cells are masked, but masked-out NaN garbage would still poison
+            // the weighted sum (0 × NaN): llama.cpp clears its cache buffer the same way.
+            t.zero()?;
+            dst.push(t.as_ptr());
+        }
+    }
+    Ok((k, v))
+}
+
+/// The f16 mask `[n_kv][n]` for `n` queries at positions `n_past..`: query at `p` sees the
+/// cell holding position `q` (`pos(cell)`, None: never written) when `q <= p` and, through a
+/// window of `w` tokens, `p - q < w` (llama.cpp's standard sliding window).
+fn mask_bytes(
+    n_past: usize,
+    n: usize,
+    n_kv: usize,
+    w: usize,
+    pos: impl Fn(usize) -> Option<usize>,
+) -> Vec<u8> {
+    let (zero, ninf) = (f16::ZERO.to_le_bytes(), f16::NEG_INFINITY.to_le_bytes());
+    let mut m = Vec::with_capacity(n * n_kv * 2);
+    for i in 0..n {
+        let p = n_past + i;
+        for j in 0..n_kv {
+            let keep = pos(j).is_some_and(|q| q <= p && p - q < w);
+            m.extend_from_slice(if keep { &zero } else { &ninf });
+        }
+    }
+    m
+}
+
+/// Writes the new `k`/`v [hd, nkv, n]` into cells `idxs` of `kc`/`vc` and attends `q [hd,
+/// nh, n]` over their first `n_kv` cells through `mask` with flash attention, as llama.cpp
+/// does; returns `[hd, nh, n]` (ggml's layout after the permute).
+#[allow(clippy::too_many_arguments)]
+fn flash_over_cells<'c>(
+    ctx: &'c Context,
+    graph: &Graph<'c>,
+    kc: Tensor<'c>,
+    vc: Tensor<'c>,
+    idxs: Tensor<'c>,
+    mask: Tensor<'c>,
+    n_kv: usize,
+    q: Tensor<'c>,
+    k: Tensor<'c>,
+    v: Tensor<'c>,
+    scale: f32,
+) -> Result<Tensor<'c>> {
+    let [hd, _, n, _] = q.ne();
+    let nkv = k.ne()[1];
+    graph.expand(ctx.set_rows(kc, ctx.reshape_2d(k, hd * nkv, n)?, idxs)?);
+    graph.expand(ctx.set_rows(vc, ctx.reshape_2d(v, hd * nkv, n)?, idxs)?);
+    let view = |c: Tensor<'c>| -> Result<Tensor<'c>> {
+        let v = ctx.view_3d(
+            c,
+            [hd, nkv, n_kv as i64],
+            c.row_bytes(hd),
+            c.row_bytes(hd * nkv),
+            0,
+        )?;
+        ctx.permute(v, [0, 2, 1, 3])
+    };
+    let qp = ctx.permute(q, [0, 2, 1, 3])?;
+    ctx.flash_attn_f32acc(qp, view(kc)?, view(vc)?, Some(mask), scale)
+}
+
+/// Our cache's companion for window layers whose window is shorter than the context: their
+/// last `n_swa` tokens (and room for one sub-batch) kept in q8_0, in a ring of cells
+/// (position `p` in cell `p % cells`), attended through the window mask with flash attention.
+/// Their memory stays bounded by the window whatever the context, as in llama.cpp. q8_0
+/// rather than f16: ggml's flash attention reads f16 cells through other kernels for one
+/// query (split over the cells) and for a batch (tiled), whose roundings differ, so with f16
+/// a batch would not give the logits of the same tokens decoded one by one; its q8_0 kernel
+/// is the same for both, and q8_0 is near-lossless (llama.cpp's q8_0 cache: KLD 0.004 on
+/// Qwen2.5-Coder-1.5B).
+pub(crate) struct WindowKv {
+    ctx: Context,
+    k: Vec<*mut sys::ggml_tensor>,
+    v: Vec<*mut sys::ggml_tensor>,
+    /// Per model layer: its index in `k`/`v` (window layers) or None.
+    slot: Vec<Option<usize>>,
+    cells: usize,
+    n_swa: usize,
+    bytes: usize,
+}
+
+// SAFETY: as for GgmlKv, the pointers all point into `ctx`, owned and moved with it.
+unsafe impl Send for WindowKv {}
+
+/// Most tokens one sub-batch may add to a window ring (longer ones are split).
+const RING_SLACK: usize = 256;
+const RING_TYPE: sys::ggml_type = sys::GGML_TYPE_Q8_0;
+
+impl WindowKv {
+    /// Cells of the ring: the window plus one sub-batch, in llama.cpp's 256-cell pads.
+    pub(crate) fn cells(n_swa: usize) -> usize {
+        (n_swa + RING_SLACK).div_ceil(256) * 256
+    }
+
+    /// Bytes of the rings of a model's window layers.
+    pub(crate) fn bytes_for(hp: &ModelHparams) -> usize {
+        let n = hp.swa_layers.iter().filter(|&&s| s).count();
+        let row = hp.head_dim_k as usize * hp.n_head_kv as usize;
+        // SAFETY: pure size computation.
+        let per_layer =
+            unsafe { sys::ggml_row_size(RING_TYPE, (row * Self::cells(hp.n_swa as usize)) as i64) };
+        2 * n * per_layer
+    }
+
+    fn new(hp: &ModelHparams) -> Result<Self> {
+        let n = hp.swa_layers.iter().filter(|&&s| s).count();
+        let row = hp.head_dim_k as usize * hp.n_head_kv as usize;
+        let cells = Self::cells(hp.n_swa as usize);
+        let bytes = Self::bytes_for(hp);
+        let ctx = Context::new(bytes + Context::overhead(2 * n, 0), false)?;
+        if row % 32 != 0 {
+            return Err(Error::Unsupported(format!(
+                "sliding-window layers with {row} K/V elements per token: the window ring \
+                 stores q8_0 blocks of 32"
+            )));
+        }
+        let (k, v) = zeroed_rows(&ctx, RING_TYPE, row, cells, n)?;
+        let mut next = 0;
+        let slot = hp
+            .swa_layers
+            .iter()
+            .map(|&s| {
+                s.then(|| {
+                    next += 1;
+                    next - 1
+                })
+            })
+            .collect();
+        Ok(Self {
+            ctx,
+            k,
+            v,
+            slot,
+            cells,
+            n_swa: hp.n_swa as usize,
+            bytes,
+        })
+    }
+
+    fn t<'c>(&'c self, p: *mut sys::ggml_tensor) -> Tensor<'c> {
+        let _ = &self.ctx;
+        Tensor::from_raw(p).expect("cache tensors are non-null")
+    }
+
+    /// Which position cell `c` holds once positions `..=last` are written.
+    fn pos(&self, c: usize, last: usize) -> Option<usize> {
+        (c <= last).then(|| last - (last - c) % self.cells)
+    }
+}
+
 impl GgmlKv {
     fn new(hp: &ModelHparams, ty: sys::ggml_type, rotate: bool, n_ctx: usize) -> Result<Self> {
         let hd = hp.head_dim_k as usize;
@@ -76,17 +247,7 @@ impl GgmlKv {
             bytes + rot_bytes + Context::overhead(2 * hp.n_layer as usize + 4, 0),
             false,
         )?;
-        let mut k = Vec::new();
-        let mut v = Vec::new();
-        for _ in 0..hp.n_layer {
-            for dst in [&mut k, &mut v] {
-                let t = ctx.new_tensor(ty, &[row as i64, n_ctx as i64])?;
-                // Never-written cells are masked, but masked-out NaN garbage would still poison
-                // the weighted sum (0 × NaN): llama.cpp clears its cache buffer the same way.
-                t.zero()?;
-                dst.push(t.as_ptr());
-            }
-        }
+        let (k, v) = zeroed_rows(&ctx, ty, row, n_ctx, hp.n_layer as usize)?;
         let rot = |n: usize| -> Result<Option<*mut sys::ggml_tensor>> {
             if n == 0 {
                 return Ok(None);
@@ -202,6 +363,10 @@ fn record(err: &Mutex<Option<String>>, msg: String) {
 pub(crate) struct OttKv {
     cache: RwLock<OttCache>,
     err: Mutex<Option<String>>,
+    /// Window layers kept exact, when the window is shorter than the context.
+    window: Option<WindowKv>,
+    /// Per model layer: its layer in `cache`, or None for a layer of `window`.
+    ott_layer: Vec<Option<usize>>,
 }
 
 /// One sub-batch's custom ops, alive while its graph is built and computed.
@@ -215,6 +380,45 @@ pub(crate) enum Kv {
     Ott(OttKv),
 }
 
+/// Whether our cache keeps `hp`'s window layers exact beside it at `n_ctx` tokens: only where
+/// the window can cut a token off; shorter contexts put every layer in our cache.
+fn window_cuts(hp: &ModelHparams, n_ctx: usize) -> bool {
+    hp.swa_layers.iter().any(|&s| s) && n_ctx > hp.n_swa as usize
+}
+
+/// The shape of our cache for `hp` at `n_ctx` tokens (without the layers a window ring
+/// holds).
+fn ott_shape(hp: &ModelHparams, n_ctx: usize) -> CacheShape {
+    let windowed = if window_cuts(hp, n_ctx) {
+        hp.swa_layers.iter().filter(|&&s| s).count()
+    } else {
+        0
+    };
+    CacheShape {
+        n_layer: hp.n_layer as usize - windowed,
+        n_head_kv: hp.n_head_kv as usize,
+        head_dim: hp.head_dim_k as usize,
+        max_tokens: n_ctx,
+    }
+}
+
+/// Closed-form bytes our cache `cfg` allocates for `hp` holding `n_tokens` tokens (its window
+/// rings included), as `Kv::bytes` reports them.
+pub(crate) fn ott_expected_bytes(
+    cfg: &crate::cache::CacheConfig,
+    hp: &ModelHparams,
+    n_tokens: usize,
+) -> Result<usize> {
+    let mut shape = ott_shape(hp, n_tokens);
+    shape.max_tokens = n_tokens;
+    let ring = if window_cuts(hp, n_tokens) {
+        WindowKv::bytes_for(hp)
+    } else {
+        0
+    };
+    Ok(crate::cache::expected_memory(cfg, &shape, n_tokens)?.total + ring)
+}
+
 impl Kv {
     pub fn new(kind: &CacheKind, hp: &ModelHparams, n_ctx: usize) -> Result<Self> {
         match kind {
@@ -225,30 +429,35 @@ impl Kv {
                 n_ctx,
             )?)),
             CacheKind::Ott(cfg) => {
-                // Our cache attends over every token it holds; a window that can cut some off
-                // (a window layer, more cells than the window) would need masking inside its
-                // groups, which it does not have.
-                if hp.swa_layers.iter().any(|&s| s) && n_ctx > hp.n_swa as usize {
+                // Our cache attends over every token it holds; where a window can cut some
+                // off, the window layers keep their window exact in a ring beside it instead.
+                let windowed = hp.swa_layers.iter().filter(|&&s| s).count();
+                if window_cuts(hp, n_ctx) && windowed == hp.n_layer as usize {
                     return Err(Error::Unsupported(format!(
-                        "our cache ({cfg}) with sliding-window attention: {} has a {}-token \
-                         window on {} of {} layers and n_ctx {n_ctx} exceeds it; use n_ctx \
-                         <= {} or a ggml cache (f16, q8_0, q4_0)",
-                        hp.arch,
-                        hp.n_swa,
-                        hp.swa_layers.iter().filter(|&&s| s).count(),
-                        hp.n_layer,
-                        hp.n_swa
+                        "our cache ({cfg}) on {}: every layer has a {}-token sliding window, \
+                         shorter than n_ctx {n_ctx}, which leaves no layer for our cache; use \
+                         n_ctx <= {} or a ggml cache (f16, q8_0, q4_0)",
+                        hp.arch, hp.n_swa, hp.n_swa
                     )));
                 }
-                let shape = CacheShape {
-                    n_layer: hp.n_layer as usize,
-                    n_head_kv: hp.n_head_kv as usize,
-                    head_dim: hp.head_dim_k as usize,
-                    max_tokens: n_ctx,
-                };
+                let window = window_cuts(hp, n_ctx)
+                    .then(|| WindowKv::new(hp))
+                    .transpose()?;
+                let mut next = 0;
+                let ott_layer = (0..hp.n_layer as usize)
+                    .map(|l| match &window {
+                        Some(w) if w.slot[l].is_some() => None,
+                        _ => {
+                            next += 1;
+                            Some(next - 1)
+                        }
+                    })
+                    .collect();
                 Ok(Kv::Ott(OttKv {
-                    cache: RwLock::new(OttCache::new(cfg.clone(), shape)?),
+                    cache: RwLock::new(OttCache::new(cfg.clone(), ott_shape(hp, n_ctx))?),
                     err: Mutex::new(None),
+                    window,
+                    ott_layer,
                 }))
             }
         }
@@ -258,25 +467,37 @@ impl Kv {
     pub fn bytes(&self) -> usize {
         match self {
             Kv::Ggml(g) => g.bytes,
-            Kv::Ott(o) => o.cache.read().map(|c| c.memory().total).unwrap_or(0),
+            Kv::Ott(o) => {
+                o.cache.read().map(|c| c.memory().total).unwrap_or(0)
+                    + o.window.as_ref().map_or(0, |w| w.bytes)
+            }
         }
     }
 
     /// What our cache decided from the data, and its closed-form memory at `n_tokens` with
-    /// those decisions (None for the ggml caches, which decide nothing).
+    /// those decisions, window rings included (None for the ggml caches, which decide
+    /// nothing).
     pub fn choices(&self, n_tokens: usize) -> Option<(crate::cache::CacheChoices, usize)> {
         let Kv::Ott(o) = self else { return None };
         let c = o.cache.read().ok()?;
         let bytes = c.expected_memory_at(n_tokens).ok()?.total;
-        Some((c.choices(), bytes))
+        Some((
+            c.choices(),
+            bytes + o.window.as_ref().map_or(0, |w| w.bytes),
+        ))
     }
 
     pub fn reset(&mut self) -> Result<()> {
+        let zero = |ts: &[*mut sys::ggml_tensor]| -> Result<()> {
+            for &t in ts {
+                Tensor::from_raw(t)?.zero()?;
+            }
+            Ok(())
+        };
         match self {
             Kv::Ggml(g) => {
-                for &t in g.k.iter().chain(&g.v) {
-                    Tensor::from_raw(t)?.zero()?;
-                }
+                zero(&g.k)?;
+                zero(&g.v)?;
             }
             Kv::Ott(o) => {
                 o.cache
@@ -286,13 +507,18 @@ impl Kv {
                 *o.err
                     .get_mut()
                     .map_err(|_| Error::InvalidArgument("lock poisoned".into()))? = None;
+                if let Some(w) = &o.window {
+                    zero(&w.k)?;
+                    zero(&w.v)?;
+                }
             }
         }
         Ok(())
     }
 
     /// How `n` new tokens after `n_past` must be split so every query sees the cache state it
-    /// would see when decoded alone (our cache flushes between tokens; ggml caches never do).
+    /// would see when decoded alone (our cache flushes between tokens; ggml caches never do;
+    /// a window ring takes at most `RING_SLACK` tokens at once).
     pub fn plan(&self, n_past: usize, n: usize) -> Result<Vec<Range<usize>>> {
         match self {
             Kv::Ggml(_) => Ok(std::iter::once(0..n).collect()),
@@ -302,16 +528,29 @@ impl Kv {
                     .read()
                     .map_err(|_| Error::InvalidArgument("cache lock poisoned".into()))?;
                 debug_assert_eq!(c.layer_len(0).unwrap_or(0), n_past);
-                Ok(c.plan_subbatches(0, n)?)
+                let plan = c.plan_subbatches(0, n)?;
+                if o.window.is_none() {
+                    return Ok(plan);
+                }
+                Ok(plan
+                    .into_iter()
+                    .flat_map(|r| {
+                        let end = r.end;
+                        r.step_by(RING_SLACK)
+                            .map(move |s| s..(s + RING_SLACK).min(end))
+                    })
+                    .collect())
             }
         }
     }
 
     /// The ops object for one sub-batch of `n` tokens (only our cache needs one).
-    pub fn ops(&self, n_layer: usize, n: usize, n_head: usize, scale: f32) -> Option<OttOps<'_>> {
+    pub fn ops(&self, n: usize, n_head: usize, scale: f32) -> Option<OttOps<'_>> {
         let Kv::Ott(o) = self else { return None };
+        let layers = o.ott_layer.iter().flatten().copied();
         Some(OttOps {
-            writes: (0..n_layer)
+            writes: layers
+                .clone()
                 .map(|layer| OttWrite {
                     cache: &o.cache,
                     layer,
@@ -319,7 +558,7 @@ impl Kv {
                     err: &o.err,
                 })
                 .collect(),
-            attends: (0..n_layer)
+            attends: layers
                 .map(|layer| OttAttend {
                     cache: &o.cache,
                     layer,
@@ -334,6 +573,11 @@ impl Kv {
 
     /// Graph inputs for a sub-batch of `n` tokens after `n_past`.
     pub fn inputs<'c>(&self, ctx: &'c Context, n_past: usize, n: usize) -> Result<KvInputs<'c>> {
+        let input = |ty: sys::ggml_type, ne: &[i64]| -> Result<Tensor<'c>> {
+            let t = ctx.new_tensor(ty, ne)?;
+            t.set_input();
+            Ok(t)
+        };
         match self {
             Kv::Ggml(g) => {
                 // llama.cpp pads the attended length to 256 cells so graphs repeat; masked
@@ -343,59 +587,60 @@ impl Kv {
                     .max(1)
                     .saturating_mul(256)
                     .min(g.n_ctx);
-                let idxs = ctx.new_tensor(sys::GGML_TYPE_I64, &[n as i64])?;
-                let mask = ctx.new_tensor(sys::GGML_TYPE_F16, &[n_kv as i64, n as i64])?;
-                idxs.set_input();
-                mask.set_input();
-                let mask_swa = if g.n_swa > 0 {
-                    let m = ctx.new_tensor(sys::GGML_TYPE_F16, &[n_kv as i64, n as i64])?;
-                    m.set_input();
-                    Some(m)
-                } else {
-                    None
-                };
+                let mask_shape = [n_kv as i64, n as i64];
                 Ok(KvInputs {
-                    idxs: Some(idxs),
-                    mask: Some(mask),
-                    mask_swa,
+                    idxs: Some(input(sys::GGML_TYPE_I64, &[n as i64])?),
+                    mask: Some(input(sys::GGML_TYPE_F16, &mask_shape)?),
+                    mask_swa: if g.n_swa > 0 {
+                        Some(input(sys::GGML_TYPE_F16, &mask_shape)?)
+                    } else {
+                        None
+                    },
                     n_kv,
+                    ring: None,
                 })
             }
-            Kv::Ott(_) => Ok(KvInputs {
+            Kv::Ott(o) => Ok(KvInputs {
                 idxs: None,
                 mask: None,
                 mask_swa: None,
                 n_kv: n_past + n,
+                ring: match &o.window {
+                    Some(w) => Some((
+                        input(sys::GGML_TYPE_I64, &[n as i64])?,
+                        input(sys::GGML_TYPE_F16, &[w.cells as i64, n as i64])?,
+                    )),
+                    None => None,
+                },
             }),
         }
     }
 
     /// Fills the inputs once the graph is allocated.
     pub fn fill_inputs(&self, inp: &KvInputs<'_>, n_past: usize, n: usize) -> Result<()> {
+        let cells_of = |f: &dyn Fn(usize) -> usize| -> Vec<u8> {
+            (n_past..n_past + n)
+                .flat_map(|p| (f(p) as i64).to_le_bytes())
+                .collect()
+        };
         if let (Some(idxs), Some(mask)) = (inp.idxs, inp.mask) {
-            let ids: Vec<u8> = (n_past..n_past + n)
-                .flat_map(|p| (p as i64).to_le_bytes())
-                .collect();
-            idxs.set_bytes(&ids)?;
-            // [n][n_kv]: query i (position n_past + i) sees cells 0..=n_past + i (cell j holds
-            // position j); through a window of w tokens only those with n_past + i - j < w,
-            // as llama.cpp's standard sliding window.
-            let (zero, ninf) = (f16::ZERO.to_le_bytes(), f16::NEG_INFINITY.to_le_bytes());
-            let build = |window: usize| {
-                let mut m = Vec::with_capacity(n * inp.n_kv * 2);
-                for i in 0..n {
-                    let p = n_past + i;
-                    for j in 0..inp.n_kv {
-                        let keep = j <= p && p - j < window;
-                        m.extend_from_slice(if keep { &zero } else { &ninf });
-                    }
-                }
-                m
-            };
-            mask.set_bytes(&build(usize::MAX))?;
+            // Cell j holds position j.
+            idxs.set_bytes(&cells_of(&|p| p))?;
+            mask.set_bytes(&mask_bytes(n_past, n, inp.n_kv, usize::MAX, Some))?;
             if let (Some(ms), Kv::Ggml(g)) = (inp.mask_swa, self) {
-                ms.set_bytes(&build(g.n_swa))?;
+                ms.set_bytes(&mask_bytes(n_past, n, inp.n_kv, g.n_swa, Some))?;
             }
+        }
+        if let (
+            Some((idxs, mask)),
+            Kv::Ott(OttKv {
+                window: Some(w), ..
+            }),
+        ) = (inp.ring, self)
+        {
+            idxs.set_bytes(&cells_of(&|p| p % w.cells))?;
+            let last = n_past + n - 1;
+            mask.set_bytes(&mask_bytes(n_past, n, w.cells, w.n_swa, |c| w.pos(c, last)))?;
         }
         Ok(())
     }
@@ -417,7 +662,6 @@ impl Kv {
         swa: bool,
     ) -> Result<Tensor<'c>> {
         let [hd, nh, n, _] = q.ne();
-        let nkv = k.ne()[1];
         match self {
             Kv::Ggml(g) => {
                 let rot = |x: Tensor<'c>, r: Option<*mut sys::ggml_tensor>| -> Result<Tensor<'c>> {
@@ -436,20 +680,7 @@ impl Kv {
                     _ => inp.mask.expect("ggml inputs"),
                 };
                 let (kc, vc) = (g.t(g.k[layer]), g.t(g.v[layer]));
-                graph.expand(ctx.set_rows(kc, ctx.reshape_2d(k, hd * nkv, n)?, idxs)?);
-                graph.expand(ctx.set_rows(vc, ctx.reshape_2d(v, hd * nkv, n)?, idxs)?);
-                let view = |c: Tensor<'c>| -> Result<Tensor<'c>> {
-                    let v = ctx.view_3d(
-                        c,
-                        [hd, nkv, inp.n_kv as i64],
-                        c.row_bytes(hd),
-                        c.row_bytes(hd * nkv),
-                        0,
-                    )?;
-                    ctx.permute(v, [0, 2, 1, 3])
-                };
-                let qp = ctx.permute(q, [0, 2, 1, 3])?;
-                let o = ctx.flash_attn_f32acc(qp, view(kc)?, view(vc)?, Some(mask), scale)?;
+                let o = flash_over_cells(ctx, graph, kc, vc, idxs, mask, inp.n_kv, q, k, v, scale)?;
                 let o = ctx.reshape_2d(o, hd * nh, n)?;
                 match g.rot_v {
                     None => Ok(o),
@@ -464,12 +695,23 @@ impl Kv {
                     }
                 }
             }
-            Kv::Ott(_) => {
-                let ops = ops.expect("our cache builds with its ops");
-                let w = ctx.custom_op([1, 1, 1, 1], &[k, v], &ops.writes[layer])?;
-                let o = ctx.custom_op([hd, nh, n, 1], &[q, w], &ops.attends[layer])?;
-                ctx.reshape_2d(o, hd * nh, n)
-            }
+            Kv::Ott(o) => match (&o.window, o.ott_layer[layer]) {
+                (Some(w), None) => {
+                    let slot = w.slot[layer].expect("a layer outside our cache has a ring");
+                    let (idxs, mask) = inp.ring.expect("ring inputs");
+                    let (kc, vc) = (w.t(w.k[slot]), w.t(w.v[slot]));
+                    let o =
+                        flash_over_cells(ctx, graph, kc, vc, idxs, mask, w.cells, q, k, v, scale)?;
+                    ctx.reshape_2d(o, hd * nh, n)
+                }
+                (_, ott) => {
+                    let l = ott.expect("every layer without a ring is in our cache");
+                    let ops = ops.expect("our cache builds with its ops");
+                    let w = ctx.custom_op([1, 1, 1, 1], &[k, v], &ops.writes[l])?;
+                    let o = ctx.custom_op([hd, nh, n, 1], &[q, w], &ops.attends[l])?;
+                    ctx.reshape_2d(o, hd * nh, n)
+                }
+            },
         }
     }
 

@@ -147,7 +147,7 @@ impl<'m> Session<'m> {
         } else {
             (None, 1.0 / (hd as f32).sqrt())
         };
-        let ops = self.kv.ops(hp.n_layer as usize, n, nh as usize, scale);
+        let ops = self.kv.ops(n, nh as usize, scale);
         let ctx = Context::new(Context::overhead(GRAPH_NODES, GRAPH_NODES), true)?;
         let graph = ctx.new_graph(GRAPH_NODES)?;
 
