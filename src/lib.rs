@@ -7,6 +7,7 @@
 
 pub mod cache;
 pub mod capi;
+#[cfg(feature = "cli")]
 pub mod cli;
 pub mod cuda;
 pub mod error;

@@ -7,7 +7,7 @@ use super::attention::{causal_attention, AttnShape};
 use super::kvdump::KvDump;
 use crate::cache::{CacheConfig, CacheShape, OttCache};
 use crate::error::{Error, Result};
-use crate::ggml::{quantize::roundtrip, sys};
+use crate::ggml::quantize::roundtrip;
 use crate::gguf::GgmlType;
 use crate::kind::BlockType;
 pub use crate::kind::CacheKind;
@@ -181,8 +181,8 @@ fn simulate_plain(
                     (0, 0)
                 };
                 (
-                    ggml_roundtrip(ty.id() as sys::ggml_type, &d.k[l], rk)?,
-                    ggml_roundtrip(ty.id() as sys::ggml_type, &d.v[l], rv)?,
+                    ggml_roundtrip(ty.id(), &d.k[l], rk)?,
+                    ggml_roundtrip(ty.id(), &d.v[l], rv)?,
                 )
             }
         };
@@ -200,7 +200,7 @@ fn simulate_plain(
 
 /// Rotates by `rot`-blocks (0: none), quantizes with ggml, dequantizes and rotates back
 /// (H is its own inverse), which is what attention over llama.cpp's rotated cache sees.
-fn ggml_roundtrip(ty: sys::ggml_type, x: &[f32], rot: usize) -> Result<Vec<f32>> {
+fn ggml_roundtrip(ty: u32, x: &[f32], rot: usize) -> Result<Vec<f32>> {
     let mut y = x.to_vec();
     if rot > 0 {
         hadamard_blocks(&mut y, rot);

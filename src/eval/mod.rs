@@ -1,4 +1,5 @@
 //! Measurement: memory (and, with the engine, perplexity, KL divergence and speed).
+#![forbid(unsafe_code)]
 
 pub mod attention;
 pub mod bench;

@@ -310,6 +310,32 @@ impl Drop for Context {
     }
 }
 
+/// A tensor of a context, apart from the borrow: owners that keep a context and handles to
+/// its tensors side by side (caches, weights) store these and turn them back into a `Tensor`
+/// borrowed from themselves.
+#[derive(Clone, Copy, Debug)]
+pub struct TensorId(NonNull<sys::ggml_tensor>);
+
+// SAFETY: an address only; it is dereferenced through `Tensor`, whose borrow of the owner
+// keeps the tensor alive, and the owner decides what may run concurrently.
+unsafe impl Send for TensorId {}
+unsafe impl Sync for TensorId {}
+
+impl TensorId {
+    /// The tensor, borrowed as long as `owner`, which must own the tensor's context.
+    pub(crate) fn get<O: ?Sized>(self, owner: &O) -> Tensor<'_> {
+        let _ = owner;
+        Tensor {
+            ptr: self.0,
+            _ctx: PhantomData,
+        }
+    }
+
+    pub(crate) fn from_raw(raw: *mut sys::ggml_tensor) -> Option<Self> {
+        NonNull::new(raw).map(Self)
+    }
+}
+
 /// A tensor inside a `Context`; `Copy` like ggml's pointers, but tied to the context's lifetime.
 #[derive(Clone, Copy)]
 pub struct Tensor<'ctx> {
@@ -329,6 +355,11 @@ impl<'ctx> Tensor<'ctx> {
 
     pub fn as_ptr(&self) -> *mut sys::ggml_tensor {
         self.ptr.as_ptr()
+    }
+
+    /// The handle an owner keeps beside the context.
+    pub fn id(&self) -> TensorId {
+        TensorId(self.ptr)
     }
 
     fn raw(&self) -> &sys::ggml_tensor {

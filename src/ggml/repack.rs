@@ -9,7 +9,7 @@
 //! that op with `w` in the candidate buffer type.
 
 use super::sys;
-use super::Context;
+use super::{Context, TensorId};
 use crate::error::{Error, Result};
 use std::ptr::NonNull;
 
@@ -38,9 +38,7 @@ unsafe impl Sync for ExtraWeights {}
 impl ExtraWeights {
     /// Places every candidate that an extra buffer type accepts; returns, per candidate, the
     /// tensor holding its repacked copy (`None`: keep the plain tensor over the mapping).
-    pub fn place(
-        cands: &[Candidate<'_>],
-    ) -> Result<(Self, Vec<Option<NonNull<sys::ggml_tensor>>>)> {
+    pub fn place(cands: &[Candidate<'_>]) -> Result<(Self, Vec<Option<TensorId>>)> {
         let mut out = ExtraWeights {
             buffers: Vec::new(),
             _contexts: Vec::new(),
@@ -96,7 +94,7 @@ impl ExtraWeights {
                     }
                     sys::ggml_backend_tensor_set(t, cands[i].data.as_ptr().cast(), 0, n);
                 }
-                placed[i] = NonNull::new(t);
+                placed[i] = TensorId::from_raw(t);
             }
             out._contexts.push(ctx);
         }

@@ -363,16 +363,13 @@ pub fn check_model(g: &Gguf) -> Result<CheckedModel> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ggml::sys;
 
     #[test]
     fn cpu_multiply_list_matches_ggml_type_traits() {
         for &ty in GgmlType::ALL {
-            // SAFETY: every GgmlType id is a valid ggml type, the table is static.
-            let traits = unsafe { &*sys::ggml_get_type_traits_cpu(ty.id()) };
             assert_eq!(
                 cpu_can_multiply(ty),
-                traits.vec_dot.is_some(),
+                crate::ggml::cpu_has_vec_dot(ty.id()),
                 "{ty}: our list and ggml's CPU type traits disagree"
             );
         }

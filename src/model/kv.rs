@@ -4,8 +4,8 @@
 
 use crate::cache::{CacheShape, OttCache};
 use crate::error::{Error, Result};
-use crate::ggml::{sys, Context, CustomOp, Graph, Tensor};
-use crate::gguf::ModelHparams;
+use crate::ggml::{Context, CustomOp, Graph, Tensor, TensorId};
+use crate::gguf::{GgmlType, ModelHparams};
 use crate::kind::CacheKind;
 use half::f16;
 use std::ops::Range;
@@ -28,20 +28,16 @@ pub(crate) struct KvInputs<'c> {
 pub(crate) struct GgmlKv {
     ctx: Context,
     // [hd * n_head_kv, n_ctx] per layer, raw pointers into `ctx`
-    k: Vec<*mut sys::ggml_tensor>,
-    v: Vec<*mut sys::ggml_tensor>,
+    k: Vec<TensorId>,
+    v: Vec<TensorId>,
     /// Hadamard matrices `[n, n]` f32 for K and V (None: no rotation).
-    rot_k: Option<*mut sys::ggml_tensor>,
-    rot_v: Option<*mut sys::ggml_tensor>,
+    rot_k: Option<TensorId>,
+    rot_v: Option<TensorId>,
     n_ctx: usize,
     bytes: usize,
     /// Sliding window in tokens (0: no layer has one).
     n_swa: usize,
 }
-
-// SAFETY: the raw tensor pointers all point into `ctx`, which GgmlKv owns and moves with it;
-// nothing in here is tied to a thread.
-unsafe impl Send for GgmlKv {}
 
 fn hadamard_matrix(n: usize) -> Vec<f32> {
     let mut m = vec![0f32; n * n];
@@ -52,23 +48,28 @@ fn hadamard_matrix(n: usize) -> Vec<f32> {
     m
 }
 
+/// Bytes of `n` elements of type `ty` (whole blocks).
+fn row_bytes(ty: GgmlType, n: usize) -> usize {
+    n / ty.block_size() as usize * ty.type_size() as usize
+}
+
 /// `n_layers` pairs of zeroed K/V tensors `[row, cells]` of type `ty` in `ctx`.
 fn zeroed_rows(
     ctx: &Context,
-    ty: sys::ggml_type,
+    ty: GgmlType,
     row: usize,
     cells: usize,
     n_layers: usize,
-) -> Result<(Vec<*mut sys::ggml_tensor>, Vec<*mut sys::ggml_tensor>)> {
+) -> Result<(Vec<TensorId>, Vec<TensorId>)> {
     let mut k = Vec::with_capacity(n_layers);
     let mut v = Vec::with_capacity(n_layers);
     for _ in 0..n_layers {
         for dst in [&mut k, &mut v] {
-            let t = ctx.new_tensor(ty, &[row as i64, cells as i64])?;
+            let t = ctx.new_tensor(ty.id(), &[row as i64, cells as i64])?;
             // Never-written cells are masked, but masked-out NaN garbage would still poison
             // the weighted sum (0 × NaN): llama.cpp clears its cache buffer the same way.
             t.zero()?;
-            dst.push(t.as_ptr());
+            dst.push(t.id());
         }
     }
     Ok((k, v))
@@ -142,8 +143,8 @@ fn flash_over_cells<'c>(
 /// Qwen2.5-Coder-1.5B).
 pub(crate) struct WindowKv {
     ctx: Context,
-    k: Vec<*mut sys::ggml_tensor>,
-    v: Vec<*mut sys::ggml_tensor>,
+    k: Vec<TensorId>,
+    v: Vec<TensorId>,
     /// Per model layer: its index in `k`/`v` (window layers) or None.
     slot: Vec<Option<usize>>,
     cells: usize,
@@ -151,12 +152,9 @@ pub(crate) struct WindowKv {
     bytes: usize,
 }
 
-// SAFETY: as for GgmlKv, the pointers all point into `ctx`, owned and moved with it.
-unsafe impl Send for WindowKv {}
-
 /// Most tokens one sub-batch may add to a window ring (longer ones are split).
 const RING_SLACK: usize = 256;
-const RING_TYPE: sys::ggml_type = sys::GGML_TYPE_Q8_0;
+const RING_TYPE: GgmlType = GgmlType::Q8_0;
 
 impl WindowKv {
     /// Cells of the ring: the window plus one sub-batch, in llama.cpp's 256-cell pads.
@@ -168,10 +166,7 @@ impl WindowKv {
     pub(crate) fn bytes_for(hp: &ModelHparams) -> usize {
         let n = hp.swa_layers.iter().filter(|&&s| s).count();
         let row = hp.head_dim_k as usize * hp.n_head_kv as usize;
-        // SAFETY: pure size computation.
-        let per_layer =
-            unsafe { sys::ggml_row_size(RING_TYPE, (row * Self::cells(hp.n_swa as usize)) as i64) };
-        2 * n * per_layer
+        2 * n * row_bytes(RING_TYPE, row * Self::cells(hp.n_swa as usize))
     }
 
     fn new(hp: &ModelHparams) -> Result<Self> {
@@ -209,9 +204,8 @@ impl WindowKv {
         })
     }
 
-    fn t<'c>(&'c self, p: *mut sys::ggml_tensor) -> Tensor<'c> {
-        let _ = &self.ctx;
-        Tensor::from_raw(p).expect("cache tensors are non-null")
+    fn t(&self, id: TensorId) -> Tensor<'_> {
+        id.get(&self.ctx)
     }
 
     /// Which position cell `c` holds once positions `..=last` are written.
@@ -221,10 +215,9 @@ impl WindowKv {
 }
 
 impl GgmlKv {
-    fn new(hp: &ModelHparams, ty: sys::ggml_type, rotate: bool, n_ctx: usize) -> Result<Self> {
+    fn new(hp: &ModelHparams, ty: GgmlType, rotate: bool, n_ctx: usize) -> Result<Self> {
         let hd = hp.head_dim_k as usize;
-        // SAFETY: ty is one of our ggml type constants.
-        let blck = unsafe { sys::ggml_blck_size(ty) } as usize;
+        let blck = ty.block_size() as usize;
         if hd % blck != 0 {
             return Err(Error::InvalidArgument(format!(
                 "head_dim {hd} is not a multiple of the {blck}-element block of this cache type (llama.cpp refuses it too)"
@@ -239,22 +232,20 @@ impl GgmlKv {
         } else {
             (0, 0)
         };
-        // SAFETY: pure size computation.
-        let bytes =
-            2 * hp.n_layer as usize * unsafe { sys::ggml_row_size(ty, (row * n_ctx) as i64) };
+        let bytes = 2 * hp.n_layer as usize * row_bytes(ty, row * n_ctx);
         let rot_bytes = 4 * (rk * rk + rv * rv);
         let ctx = Context::new(
             bytes + rot_bytes + Context::overhead(2 * hp.n_layer as usize + 4, 0),
             false,
         )?;
         let (k, v) = zeroed_rows(&ctx, ty, row, n_ctx, hp.n_layer as usize)?;
-        let rot = |n: usize| -> Result<Option<*mut sys::ggml_tensor>> {
+        let rot = |n: usize| -> Result<Option<TensorId>> {
             if n == 0 {
                 return Ok(None);
             }
             let t = ctx.new_f32(&[n as i64, n as i64])?;
             t.set_f32(&hadamard_matrix(n))?;
-            Ok(Some(t.as_ptr()))
+            Ok(Some(t.id()))
         };
         let (rot_k, rot_v) = (rot(rk)?, rot(rv)?);
         let n_swa = if hp.swa_layers.iter().any(|&s| s) {
@@ -274,9 +265,8 @@ impl GgmlKv {
         })
     }
 
-    fn t<'c>(&'c self, p: *mut sys::ggml_tensor) -> Tensor<'c> {
-        let _ = &self.ctx;
-        Tensor::from_raw(p).expect("cache tensors are non-null")
+    fn t(&self, id: TensorId) -> Tensor<'_> {
+        id.get(&self.ctx)
     }
 }
 
@@ -422,12 +412,9 @@ pub(crate) fn ott_expected_bytes(
 impl Kv {
     pub fn new(kind: &CacheKind, hp: &ModelHparams, n_ctx: usize) -> Result<Self> {
         match kind {
-            CacheKind::Block { ty, rotate } => Ok(Kv::Ggml(GgmlKv::new(
-                hp,
-                ty.ggml_type().id() as sys::ggml_type,
-                *rotate,
-                n_ctx,
-            )?)),
+            CacheKind::Block { ty, rotate } => {
+                Ok(Kv::Ggml(GgmlKv::new(hp, ty.ggml_type(), *rotate, n_ctx)?))
+            }
             CacheKind::Ott(cfg) => {
                 // Our cache attends over every token it holds; where a window can cut some
                 // off, the window layers keep their window exact in a ring beside it instead.
@@ -488,16 +475,16 @@ impl Kv {
     }
 
     pub fn reset(&mut self) -> Result<()> {
-        let zero = |ts: &[*mut sys::ggml_tensor]| -> Result<()> {
+        let zero = |ctx: &Context, ts: &[TensorId]| -> Result<()> {
             for &t in ts {
-                Tensor::from_raw(t)?.zero()?;
+                t.get(ctx).zero()?;
             }
             Ok(())
         };
         match self {
             Kv::Ggml(g) => {
-                zero(&g.k)?;
-                zero(&g.v)?;
+                zero(&g.ctx, &g.k)?;
+                zero(&g.ctx, &g.v)?;
             }
             Kv::Ott(o) => {
                 o.cache
@@ -508,8 +495,8 @@ impl Kv {
                     .get_mut()
                     .map_err(|_| Error::InvalidArgument("lock poisoned".into()))? = None;
                 if let Some(w) = &o.window {
-                    zero(&w.k)?;
-                    zero(&w.v)?;
+                    zero(&w.ctx, &w.k)?;
+                    zero(&w.ctx, &w.v)?;
                 }
             }
         }
@@ -573,8 +560,8 @@ impl Kv {
 
     /// Graph inputs for a sub-batch of `n` tokens after `n_past`.
     pub fn inputs<'c>(&self, ctx: &'c Context, n_past: usize, n: usize) -> Result<KvInputs<'c>> {
-        let input = |ty: sys::ggml_type, ne: &[i64]| -> Result<Tensor<'c>> {
-            let t = ctx.new_tensor(ty, ne)?;
+        let input = |ty: GgmlType, ne: &[i64]| -> Result<Tensor<'c>> {
+            let t = ctx.new_tensor(ty.id(), ne)?;
             t.set_input();
             Ok(t)
         };
@@ -589,10 +576,10 @@ impl Kv {
                     .min(g.n_ctx);
                 let mask_shape = [n_kv as i64, n as i64];
                 Ok(KvInputs {
-                    idxs: Some(input(sys::GGML_TYPE_I64, &[n as i64])?),
-                    mask: Some(input(sys::GGML_TYPE_F16, &mask_shape)?),
+                    idxs: Some(input(GgmlType::I64, &[n as i64])?),
+                    mask: Some(input(GgmlType::F16, &mask_shape)?),
                     mask_swa: if g.n_swa > 0 {
-                        Some(input(sys::GGML_TYPE_F16, &mask_shape)?)
+                        Some(input(GgmlType::F16, &mask_shape)?)
                     } else {
                         None
                     },
@@ -607,8 +594,8 @@ impl Kv {
                 n_kv: n_past + n,
                 ring: match &o.window {
                     Some(w) => Some((
-                        input(sys::GGML_TYPE_I64, &[n as i64])?,
-                        input(sys::GGML_TYPE_F16, &[w.cells as i64, n as i64])?,
+                        input(GgmlType::I64, &[n as i64])?,
+                        input(GgmlType::F16, &[w.cells as i64, n as i64])?,
                     )),
                     None => None,
                 },
@@ -664,7 +651,7 @@ impl Kv {
         let [hd, nh, n, _] = q.ne();
         match self {
             Kv::Ggml(g) => {
-                let rot = |x: Tensor<'c>, r: Option<*mut sys::ggml_tensor>| -> Result<Tensor<'c>> {
+                let rot = |x: Tensor<'c>, r: Option<TensorId>| -> Result<Tensor<'c>> {
                     let Some(r) = r else { return Ok(x) };
                     let h = g.t(r);
                     let m = h.ne()[0];

@@ -1,10 +1,12 @@
 //! Models on ggml: weights bound over the GGUF mapping, a forward graph per (sub-)batch with a
 //! pluggable KV cache, and random-weight models for tests.
+#![forbid(unsafe_code)]
 
 pub mod check;
 pub mod kv;
 pub mod sample;
 pub mod session;
+#[cfg(any(test, feature = "testing"))]
 pub mod synthetic;
 pub mod weights;
 

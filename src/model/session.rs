@@ -9,8 +9,8 @@
 use super::kv::Kv;
 use super::weights::{Arch, Model, W};
 use crate::error::{Error, Result};
-use crate::ggml::{sys, Context, GraphAllocator, RopeMode, RopeParams, Tensor, GRAPH_NODES};
-use crate::gguf::RopeType;
+use crate::ggml::{Context, GraphAllocator, RopeMode, RopeParams, Tensor, GRAPH_NODES};
+use crate::gguf::{GgmlType, RopeType};
 use crate::kind::CacheKind;
 
 /// Settings of a decoding session.
@@ -151,8 +151,8 @@ impl<'m> Session<'m> {
         let ctx = Context::new(Context::overhead(GRAPH_NODES, GRAPH_NODES), true)?;
         let graph = ctx.new_graph(GRAPH_NODES)?;
 
-        let inp_tok = ctx.new_tensor(sys::GGML_TYPE_I32, &[n as i64])?;
-        let inp_pos = ctx.new_tensor(sys::GGML_TYPE_I32, &[n as i64])?;
+        let inp_tok = ctx.new_tensor(GgmlType::I32.id(), &[n as i64])?;
+        let inp_pos = ctx.new_tensor(GgmlType::I32.id(), &[n as i64])?;
         inp_tok.set_input();
         inp_pos.set_input();
         let kv_inp = self.kv.inputs(&ctx, self.n_past, n)?;
@@ -223,7 +223,7 @@ impl<'m> Session<'m> {
         }
         let inp_out = match logits {
             Some(true) => {
-                let ids = ctx.new_tensor(sys::GGML_TYPE_I32, &[1])?;
+                let ids = ctx.new_tensor(GgmlType::I32.id(), &[1])?;
                 ids.set_input();
                 x = ctx.get_rows(x, ids)?;
                 Some(ids)

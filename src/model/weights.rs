@@ -4,15 +4,14 @@
 use super::check::{check_model, slots};
 use crate::error::{Error, Result};
 use crate::ggml::repack::{Candidate, ExtraWeights};
-use crate::ggml::{sys, Context, Tensor};
+use crate::ggml::{MappedWeights, Tensor, TensorId};
 use crate::gguf::{GgufFile, ModelHparams};
 use std::collections::HashMap;
 use std::path::Path;
-use std::ptr::NonNull;
 
-/// A weight tensor: a ggml tensor owned by `Model`'s context, data in the mapping.
+/// A weight tensor: a ggml tensor owned by `Model` (over the mapping, or a repacked copy).
 #[derive(Clone, Copy)]
-pub(crate) struct W(NonNull<sys::ggml_tensor>);
+pub(crate) struct W(TensorId);
 
 pub(crate) struct LayerWeights {
     pub attn_norm: W,
@@ -69,11 +68,10 @@ impl Arch {
 
 /// A loaded model: hyperparameters, the mapping and ggml tensors over it.
 pub struct Model {
-    // Declared before `file`: the tensors point into the mapping, so the context goes first.
-    ctx: Context,
+    weights: MappedWeights,
     /// Matmul weights that ggml's CPU extra buffer types took (repacked copies, as llama.cpp
-    /// keeps them); the handles below point there for those.
-    extra: ExtraWeights,
+    /// keeps them); the handles below point there for those, so it lives as long as they do.
+    _extra: ExtraWeights,
     pub(crate) tok_embd: W,
     pub(crate) output_norm: W,
     pub(crate) output: W,
@@ -82,14 +80,13 @@ pub struct Model {
     pub(crate) layers: Vec<LayerWeights>,
     pub arch: Arch,
     pub hparams: ModelHparams,
-    file: GgufFile,
 }
 
-// SAFETY: the weight tensors are only read after loading (ggml reads weights, never writes
-// them) and the mapping is immutable, so sharing a Model between threads is sound; the
-// NonNull pointers are what make the type !Send/!Sync by default.
-unsafe impl Send for Model {}
-unsafe impl Sync for Model {}
+// Sessions on several threads share one model.
+const _: fn() = || {
+    fn shared<T: Send + Sync>() {}
+    shared::<Model>();
+};
 
 impl Model {
     /// Maps `path`, checks everything [`check_model`] checks (hyperparameters, vocabulary,
@@ -100,23 +97,15 @@ impl Model {
         let checked = check_model(file.gguf())?;
         let (arch, hp) = (checked.arch, checked.hparams);
         let slots = slots(arch, &hp);
-        let ctx = Context::new(Context::overhead(slots.len() + 8, 0), true)?;
+        let mut weights = MappedWeights::new(file, slots.len())?;
         // The bound tensor of every slot present in the file, by name.
         let mut bound: HashMap<&str, W> = HashMap::with_capacity(slots.len());
         for s in &slots {
-            let Some(info) = file.gguf().tensor(&s.name) else {
-                continue;
-            };
-            let ne: Vec<i64> = info.dims.iter().map(|&d| d as i64).collect();
-            let t = ctx.new_tensor(info.ggml_type.id(), &ne)?;
-            // SAFETY: the data slice is exactly the tensor's bytes (the parser checked sizes),
-            // lives in `file`'s mapping which outlives `ctx` (field order), and ggml only
-            // reads weights.
-            unsafe { t.bind_external(file.tensor_data(&s.name)?)? };
-            let w = NonNull::new(t.as_ptr())
-                .ok_or_else(|| Error::Ggml(format!("ggml returned no tensor for {}", s.name)))?;
-            bound.insert(s.name.as_str(), W(w));
+            if let Some(id) = weights.bind(&s.name)? {
+                bound.insert(s.name.as_str(), W(id));
+            }
         }
+        let file = weights.file();
         // check_model proved every required slot present, so these lookups succeed.
         let get = |name: &str| -> Result<W> {
             bound.get(name).copied().ok_or_else(|| {
@@ -196,8 +185,8 @@ impl Model {
             );
         }
         Ok(Model {
-            ctx,
-            extra,
+            weights,
+            _extra: extra,
             tok_embd,
             output_norm,
             output,
@@ -205,21 +194,19 @@ impl Model {
             layers,
             arch,
             hparams: hp,
-            file,
         })
     }
 
     /// The tensor behind a weight handle, borrowed from the model.
     pub(crate) fn t(&self, w: W) -> Tensor<'_> {
-        let _ = (&self.ctx, &self.extra);
-        Tensor::from_raw(w.0.as_ptr()).expect("weight pointers are non-null")
+        w.0.get(self)
     }
 
     pub fn path(&self) -> &Path {
-        self.file.path()
+        self.weights.file().path()
     }
 
     pub fn file_size(&self) -> u64 {
-        self.file.file_size()
+        self.weights.file().file_size()
     }
 }
