@@ -367,7 +367,7 @@ pub(crate) struct OttOps<'a> {
 
 pub(crate) enum Kv {
     Ggml(GgmlKv),
-    Ott(OttKv),
+    Ott(Box<OttKv>),
 }
 
 /// Whether our cache keeps `hp`'s window layers exact beside it at `n_ctx` tokens: only where
@@ -440,12 +440,12 @@ impl Kv {
                         }
                     })
                     .collect();
-                Ok(Kv::Ott(OttKv {
+                Ok(Kv::Ott(Box::new(OttKv {
                     cache: RwLock::new(OttCache::new(cfg.clone(), ott_shape(hp, n_ctx))?),
                     err: Mutex::new(None),
                     window,
                     ott_layer,
-                }))
+                })))
             }
         }
     }
@@ -618,13 +618,11 @@ impl Kv {
                 ms.set_bytes(&mask_bytes(n_past, n, inp.n_kv, g.n_swa, Some))?;
             }
         }
-        if let (
-            Some((idxs, mask)),
-            Kv::Ott(OttKv {
-                window: Some(w), ..
-            }),
-        ) = (inp.ring, self)
-        {
+        let ring = match self {
+            Kv::Ott(o) => o.window.as_ref(),
+            Kv::Ggml(_) => None,
+        };
+        if let (Some((idxs, mask)), Some(w)) = (inp.ring, ring) {
             idxs.set_bytes(&cells_of(&|p| p % w.cells))?;
             let last = n_past + n - 1;
             mask.set_bytes(&mask_bytes(n_past, n, w.cells, w.n_swa, |c| w.pos(c, last)))?;
