@@ -303,8 +303,9 @@ fn bad_numbers_and_specs_are_usage_errors() {
     }
     // A prompt longer than the context is an error, not a silently larger context.
     refused(&gen(&["-c", "1"]), 1, &["context overflow"]);
+    // A malformed cache spec is a usage error, as a malformed flag is.
     for (spec, field) in [("ott2:k=3,k=4", "given twice"), ("ott2:", "nothing after")] {
-        refused(&gen(&["--cache", spec]), 1, &[field]);
+        refused(&gen(&["--cache", spec]), 2, &[field]);
     }
     let ppl = |extra: &[&str]| {
         let mut a = vec!["perplexity", "-m", m, "-f", t, "-c", "16", "-t", "1"];

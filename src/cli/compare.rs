@@ -169,11 +169,11 @@ fn run(
     }
     // Nothing to report is a failure, whatever the reason: a script must not read exit 0.
     if results.is_empty() {
-        return Err(Error::InvalidArgument(if interrupted {
-            "interrupted before any row finished a chunk".into()
+        return Err(if interrupted {
+            Error::Interrupted
         } else {
-            format!("no row could run: {}", skipped.join("; "))
-        }));
+            Error::Unsupported(format!("no row could run: {}", skipped.join("; ")))
+        });
     }
     Ok((p, specs, results))
 }
@@ -218,8 +218,10 @@ pub fn compare(a: &CompareArgs) -> Result<()> {
             "threads": a.common.threads,
             "results": results,
         });
-        let s =
-            serde_json::to_string_pretty(&j).map_err(|e| Error::InvalidArgument(e.to_string()))?;
+        let s = serde_json::to_string_pretty(&j).map_err(|source| Error::Json {
+            what: "the results",
+            source,
+        })?;
         std::fs::write(path, s).map_err(|e| Error::io(path, e))?;
     }
     if let Some(path) = &a.plot {
@@ -309,8 +311,10 @@ fn plot(results: &[RowResult], n_ctx: usize, path: &Path) -> Result<()> {
         log_x: false,
         log_y: true,
     };
-    scatter_png(&points, &axes, path)
-        .map_err(|e| Error::InvalidArgument(format!("plot {}: {e}", path.display())))
+    scatter_png(&points, &axes, path).map_err(|e| Error::Plot {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })
 }
 
 pub(crate) fn plot_bench(results: &[crate::eval::bench::BenchResult], path: &Path) -> Result<()> {
@@ -333,6 +337,8 @@ pub(crate) fn plot_bench(results: &[crate::eval::bench::BenchResult], path: &Pat
         log_x: true,
         log_y: false,
     };
-    lines_png(&series, &axes, path)
-        .map_err(|e| Error::InvalidArgument(format!("plot {}: {e}", path.display())))
+    lines_png(&series, &axes, path).map_err(|e| Error::Plot {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })
 }

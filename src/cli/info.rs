@@ -93,8 +93,10 @@ fn report() -> Report {
 pub fn run(a: &Args) -> Result<()> {
     let r = report();
     if a.json {
-        let s = serde_json::to_string_pretty(&r)
-            .map_err(|e| crate::Error::InvalidArgument(format!("serializing the report: {e}")))?;
+        let s = serde_json::to_string_pretty(&r).map_err(|source| crate::Error::Json {
+            what: "the report",
+            source,
+        })?;
         println!("{s}");
         return Ok(());
     }

@@ -78,8 +78,10 @@ pub fn run(a: &Args) -> Result<()> {
         }
     }
     if let Some(p) = &a.json {
-        let s = serde_json::to_string_pretty(&report)
-            .map_err(|e| Error::InvalidArgument(e.to_string()))?;
+        let s = serde_json::to_string_pretty(&report).map_err(|source| Error::Json {
+            what: "the report",
+            source,
+        })?;
         std::fs::write(p, s).map_err(|e| Error::io(p, e))?;
     }
     Ok(())

@@ -71,7 +71,7 @@ pub fn main() -> i32 {
         Ok(Ok(())) => 0,
         Ok(Err(e)) => {
             eprintln!("error: {e}");
-            1
+            e.exit_code()
         }
         Err(_) => {
             eprintln!("error: internal error (a bug: please report it with the command line)");

@@ -170,9 +170,11 @@ fn simulate_plain(
                 let t = ty;
                 let (blck, tsize) = (t.block_size() as usize, t.type_size() as usize);
                 if hd % blck != 0 {
-                    return Err(Error::InvalidArgument(format!(
-                        "{name}: head_dim {hd} is not a multiple of its {blck}-element block (llama.cpp refuses it too)"
-                    )));
+                    return Err(Error::BlockMismatch {
+                        cache: name.to_string(),
+                        head_dim: hd,
+                        block: blck as usize,
+                    });
                 }
                 bytes_per_elem = tsize as f64 / blck as f64;
                 let (rk, rv) = if rotate {

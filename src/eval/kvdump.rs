@@ -94,15 +94,14 @@ impl KvDump {
         let f = GgufFile::open(path)?;
         let g = f.gguf();
         if g.get_str_opt("general.architecture")? != Some("ottkv-kvdump") {
-            return Err(Error::InvalidArgument(format!(
-                "{} is not a K/V dump (write one with `ottkv dump-kv`)",
-                path.display()
-            )));
+            return Err(dump_error(
+                path,
+                "not a K/V dump (write one with `ottkv dump-kv`)",
+            ));
         }
         let dim = |k: &str| -> Result<usize> {
             let v = g.get_u64(&format!("ottkv.dump.{k}"))?;
-            usize::try_from(v)
-                .map_err(|_| Error::InvalidArgument(format!("dump {k} = {v} is too large")))
+            usize::try_from(v).map_err(|_| dump_error(path, format!("{k} = {v} is too large")))
         };
         let (n_layer, n_head, n_head_kv) = (dim("n_layer")?, dim("n_head")?, dim("n_head_kv")?);
         let (head_dim, n_tokens) = (dim("head_dim")?, dim("n_tokens")?);
@@ -123,13 +122,16 @@ impl KvDump {
                 let tname = format!("blk.{l}.{name}");
                 let info = g
                     .tensor(&tname)
-                    .ok_or_else(|| Error::InvalidArgument(format!("dump lacks tensor {tname}")))?;
+                    .ok_or_else(|| dump_error(path, format!("no tensor {tname}")))?;
                 let want = [head_dim as u64, heads as u64, n_tokens as u64];
                 if info.ggml_type != GgmlType::F16 || info.dims != want {
-                    return Err(Error::InvalidArgument(format!(
-                        "dump tensor {tname}: {:?} {:?}, expected f16 {want:?}",
-                        info.ggml_type, info.dims
-                    )));
+                    return Err(dump_error(
+                        path,
+                        format!(
+                            "tensor {tname}: {:?} {:?}, expected f16 {want:?}",
+                            info.ggml_type, info.dims
+                        ),
+                    ));
                 }
                 let vals: Vec<f32> = f
                     .tensor_data(&tname)?
@@ -144,5 +146,12 @@ impl KvDump {
             }
         }
         Ok(d)
+    }
+}
+
+fn dump_error(path: &Path, reason: impl Into<String>) -> Error {
+    Error::KvDump {
+        path: path.to_path_buf(),
+        reason: reason.into(),
     }
 }

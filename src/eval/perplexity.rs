@@ -25,10 +25,10 @@ pub fn chunks(
     let max = tokens.len() / n_ctx;
     let n = n_chunks.map_or(max, |c| c.min(max));
     if n == 0 {
-        return Err(Error::InvalidArgument(format!(
-            "the text has {} tokens, fewer than one chunk of {n_ctx}",
-            tokens.len()
-        )));
+        return Err(Error::TextTooShort {
+            tokens: tokens.len(),
+            n_ctx,
+        });
     }
     Ok((0..n)
         .map(|i| {

@@ -219,9 +219,11 @@ impl GgmlKv {
         let hd = hp.head_dim_k as usize;
         let blck = ty.block_size() as usize;
         if hd % blck != 0 {
-            return Err(Error::InvalidArgument(format!(
-                "head_dim {hd} is not a multiple of the {blck}-element block of this cache type (llama.cpp refuses it too)"
-            )));
+            return Err(Error::BlockMismatch {
+                cache: format!("{ty}"),
+                head_dim: hd,
+                block: blck,
+            });
         }
         let row = hd * hp.n_head_kv as usize;
         // llama.cpp rounds its cache up to whole 256-cell pads; the same cell count gives the
@@ -275,7 +277,7 @@ struct OttWrite<'a> {
     cache: &'a RwLock<OttCache>,
     layer: usize,
     n: usize,
-    err: &'a Mutex<Option<String>>,
+    err: &'a Mutex<Option<Error>>,
 }
 
 impl CustomOp for OttWrite<'_> {
@@ -289,12 +291,12 @@ impl CustomOp for OttWrite<'_> {
         let mut c = self
             .cache
             .write()
-            .map_err(|_| "cache lock poisoned".to_string())?;
+            .map_err(|_| keep(self.err, Error::Poisoned("cache")))?;
         c.append(self.layer, args[0], args[1], self.n)
-            .map_err(|e| e.to_string())
+            .map_err(|e| keep(self.err, e.into()))
     }
     fn fail(&self, msg: String) {
-        record(self.err, msg);
+        record(self.err, Error::Ggml(msg));
     }
     fn parallel(&self) -> bool {
         false
@@ -308,7 +310,7 @@ struct OttAttend<'a> {
     n: usize,
     n_head: usize,
     scale: f32,
-    err: &'a Mutex<Option<String>>,
+    err: &'a Mutex<Option<Error>>,
 }
 
 impl CustomOp for OttAttend<'_> {
@@ -324,7 +326,7 @@ impl CustomOp for OttAttend<'_> {
         let c = self
             .cache
             .read()
-            .map_err(|_| "cache lock poisoned".to_string())?;
+            .map_err(|_| keep(self.err, Error::Poisoned("cache")))?;
         c.attend(
             self.layer,
             args[0],
@@ -334,25 +336,33 @@ impl CustomOp for OttAttend<'_> {
             rows,
             out,
         )
-        .map_err(|e| e.to_string())
+        .map_err(|e| keep(self.err, e.into()))
     }
     fn fail(&self, msg: String) {
-        record(self.err, msg);
+        record(self.err, Error::Ggml(msg));
     }
     fn parallel(&self) -> bool {
         true
     }
 }
 
-fn record(err: &Mutex<Option<String>>, msg: String) {
-    if let Ok(mut e) = err.lock() {
-        e.get_or_insert(msg);
+/// Records the typed error for `Session` and hands ggml its text.
+fn keep(err: &Mutex<Option<Error>>, e: Error) -> String {
+    let msg = e.to_string();
+    record(err, e);
+    msg
+}
+
+/// The first error of a compute wins; ggml's report of the same failure comes after it.
+fn record(err: &Mutex<Option<Error>>, e: Error) {
+    if let Ok(mut slot) = err.lock() {
+        slot.get_or_insert(e);
     }
 }
 
 pub(crate) struct OttKv {
     cache: RwLock<OttCache>,
-    err: Mutex<Option<String>>,
+    err: Mutex<Option<Error>>,
     /// Window layers kept exact, when the window is shorter than the context.
     window: Option<WindowKv>,
     /// Per model layer: its layer in `cache`, or None for a layer of `window`.
@@ -489,11 +499,11 @@ impl Kv {
             Kv::Ott(o) => {
                 o.cache
                     .get_mut()
-                    .map_err(|_| Error::InvalidArgument("cache lock poisoned".into()))?
+                    .map_err(|_| Error::Poisoned("cache"))?
                     .reset();
                 *o.err
                     .get_mut()
-                    .map_err(|_| Error::InvalidArgument("lock poisoned".into()))? = None;
+                    .map_err(|_| Error::Poisoned("cache error"))? = None;
                 if let Some(w) = &o.window {
                     zero(&w.ctx, &w.k)?;
                     zero(&w.ctx, &w.v)?;
@@ -510,10 +520,7 @@ impl Kv {
         match self {
             Kv::Ggml(_) => Ok(std::iter::once(0..n).collect()),
             Kv::Ott(o) => {
-                let c = o
-                    .cache
-                    .read()
-                    .map_err(|_| Error::InvalidArgument("cache lock poisoned".into()))?;
+                let c = o.cache.read().map_err(|_| Error::Poisoned("cache"))?;
                 debug_assert_eq!(c.layer_len(0).unwrap_or(0), n_past);
                 let plan = c.plan_subbatches(0, n)?;
                 if o.window.is_none() {
@@ -701,7 +708,7 @@ impl Kv {
     }
 
     /// The first error a custom op recorded during the last compute, if any.
-    pub fn take_error(&self) -> Option<String> {
+    pub fn take_error(&self) -> Option<Error> {
         match self {
             Kv::Ott(o) => o.err.lock().ok().and_then(|mut e| e.take()),
             Kv::Ggml(_) => None,

@@ -95,9 +95,7 @@ impl<'m> Session<'m> {
         }
         let n_vocab = self.model.hparams.vocab_size as usize;
         if let Some(&t) = tokens.iter().find(|&&t| t < 0 || t as usize >= n_vocab) {
-            return Err(Error::InvalidArgument(format!(
-                "token id {t} outside the vocabulary (0..{n_vocab})"
-            )));
+            return Err(Error::TokenOutOfVocab { token: t, n_vocab });
         }
         let mut out = Vec::with_capacity(
             n_vocab
@@ -254,7 +252,7 @@ impl<'m> Session<'m> {
         self.kv.fill_inputs(&kv_inp, self.n_past, n)?;
         graph.compute(self.p.threads)?;
         if let Some(e) = self.kv.take_error() {
-            return Err(Error::InvalidArgument(format!("KV cache: {e}")));
+            return Err(e);
         }
         if logits.is_none() {
             return Ok(Vec::new());
