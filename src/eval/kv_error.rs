@@ -173,7 +173,7 @@ fn simulate_plain(
                     return Err(Error::BlockMismatch {
                         cache: name.to_string(),
                         head_dim: hd,
-                        block: blck as usize,
+                        block: blck,
                     });
                 }
                 bytes_per_elem = tsize as f64 / blck as f64;
