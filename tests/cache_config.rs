@@ -290,7 +290,7 @@ fn forward_rejects_bad_calls_without_panicking() {
     ));
     // Out of a constant cache comes the constant value.
     assert!(out.iter().all(|&o| (o - 0.25).abs() < 1e-6));
-    c.reset();
+    c.reset().unwrap();
     assert_eq!(c.len(), 0);
 }
 
@@ -463,8 +463,8 @@ fn shapes_beyond_memory_are_alloc_errors() {
     .unwrap();
     c64.append(0, &kv, &kv, 200).unwrap();
     assert!(c64.memory().codes > 0);
-    c64.reset();
+    c64.reset().unwrap();
     assert_eq!((c64.len(), c64.memory().codes), (0, 0));
-    c.reset();
+    c.reset().unwrap();
     assert_eq!(c.memory(), before);
 }

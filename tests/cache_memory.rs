@@ -102,6 +102,6 @@ fn quantized_part_is_2_25_bits_and_ratios_match_the_paper() {
     }
     fill(&mut c, 8192 - 160, &mut rng);
     assert_eq!(c.memory(), expected_memory(&config, &shape, 8192).unwrap());
-    c.reset();
+    c.reset().unwrap();
     assert_eq!(c.memory(), expected_memory(&config, &shape, 0).unwrap());
 }

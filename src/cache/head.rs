@@ -40,6 +40,8 @@ pub struct HeadCache {
     pub(crate) key_rotation_pending: bool,
     pub(crate) sink_cap: usize,
     pub(crate) rows: RowPrecision,
+    /// The head chooses `rows` itself (`wb=auto`).
+    pub(crate) auto_rows: bool,
     /// The first flush chooses `rows` (f16 or q8_0); until then rows are f16.
     pub(crate) row_precision_pending: bool,
     /// Values per channel: `val_codes` is `[n_groups][head_dim][value words per channel]`,
@@ -126,6 +128,7 @@ impl HeadCache {
             key_rotation_pending: rot > 0 && key_rotation == Rotation::Auto,
             sink_cap,
             rows,
+            auto_rows: row_precision_pending,
             row_precision_pending,
             value_per_channel,
             key_codes: Vec::new(),
@@ -149,8 +152,11 @@ impl HeadCache {
         })
     }
 
-    /// Forgets every token: quantized storage freed, window and pools emptied but kept.
-    pub(crate) fn reset(&mut self) {
+    /// Forgets every token: quantized storage freed, window and pools emptied but kept, and
+    /// the choices the head makes itself open again (the next tokens decide them afresh, as
+    /// in a new cache). Fails only where rows chosen as q8_0 go back to f16 and that memory
+    /// is not there; the head is then left empty with its old row precision.
+    pub(crate) fn reset(&mut self) -> Result<(), CacheError> {
         self.key_codes = Vec::new();
         self.key_params = Vec::new();
         self.val_codes = Vec::new();
@@ -173,6 +179,36 @@ impl HeadCache {
         self.extra.clear();
         self.stopped_at = None;
         self.probe.clear();
+        if self.auto_key_rotation {
+            self.keys_rotated = false;
+            self.key_rotation_pending = true;
+        }
+        if self.auto_rows {
+            if self.rows != RowPrecision::F16 {
+                let hd = self.head_dim();
+                let f16 = |r: &Rows| {
+                    Rows::try_with_capacity(RowPrecision::F16, hd, r.capacity(), "the f16 rows")
+                };
+                let fresh = [
+                    f16(&self.win_k)?,
+                    f16(&self.win_v)?,
+                    f16(&self.pool_k)?,
+                    f16(&self.pool_v)?,
+                    f16(&self.extra_k)?,
+                    f16(&self.extra_v)?,
+                    f16(&self.sink_k)?,
+                    f16(&self.sink_v)?,
+                ];
+                let [wk, wv, pk, pv, ek, ev, sk, sv] = fresh;
+                (self.win_k, self.win_v) = (wk, wv);
+                (self.pool_k, self.pool_v) = (pk, pv);
+                (self.extra_k, self.extra_v) = (ek, ev);
+                (self.sink_k, self.sink_v) = (sk, sv);
+                self.rows = RowPrecision::F16;
+            }
+            self.row_precision_pending = true;
+        }
+        Ok(())
     }
 
     /// Positions whose queries are attended before the first flush (the flush comes with the

@@ -351,10 +351,12 @@ impl OttCache {
         Ok(self.lens[layer])
     }
     /// Drops all tokens and the quantized storage (window and pools stay allocated).
-    pub fn reset(&mut self) {
-        // In place: a reset must not need memory the cache could not get again.
-        self.heads.iter_mut().for_each(HeadCache::reset);
+    /// Forgets every token and every choice the cache made from them. In place, except that
+    /// heads whose rows it chose to keep as q8_0 get their f16 rows back (the memory they
+    /// started with), which is the one way this can fail.
+    pub fn reset(&mut self) -> Result<(), CacheError> {
         self.lens.iter_mut().for_each(|l| *l = 0);
+        self.heads.iter_mut().try_for_each(HeadCache::reset)
     }
     /// Bytes actually allocated, by segment, over all layers and heads.
     pub fn memory(&self) -> MemoryStats {

@@ -307,7 +307,7 @@ pub unsafe extern "C" fn ottkv_cache_free(cache: *mut ottkv_cache) -> ottkv_stat
 pub unsafe extern "C" fn ottkv_cache_reset(cache: *mut ottkv_cache) -> ottkv_status {
     guard("ottkv_cache_reset", || {
         let e = lookup(cache)?;
-        e.write()?.reset();
+        e.write()?.reset()?;
         *e.op_error.lock().unwrap_or_else(|p| p.into_inner()) = None;
         Ok(())
     })

@@ -500,7 +500,7 @@ impl Kv {
                 o.cache
                     .get_mut()
                     .map_err(|_| Error::Poisoned("cache"))?
-                    .reset();
+                    .reset()?;
                 *o.err
                     .get_mut()
                     .map_err(|_| Error::Poisoned("cache error"))? = None;
