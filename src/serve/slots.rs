@@ -11,7 +11,7 @@
 
 use super::error::ApiError;
 use super::params::GenParams;
-use super::state::{Published, Shared, SlotView};
+use super::state::{Shared, SlotView};
 use super::text::{StopMatcher, Utf8Stream};
 use crate::kind::CacheKind;
 use crate::llama::LlamaModel;
@@ -412,10 +412,9 @@ impl<'m> Engine<'m> {
                 Step::Finished(stop, word) => self.finish(i, stop, word),
                 Step::Failed(e) => {
                     log::error!("slot {i}: {e}");
-                    if let Some(a) = &self.slots[i].active {
+                    if let Some(a) = self.release(i) {
                         let _ = a.job.events.send(Event::Error(e));
                     }
-                    self.release(i);
                 }
             }
         }
@@ -486,9 +485,11 @@ impl<'m> Engine<'m> {
         }
     }
 
-    /// Sends the job its end and frees the slot.
+    /// Frees the slot, then sends the job its end: a client that has its answer sees the
+    /// slot free in /slots.
     fn finish(&mut self, i: usize, stop: StopType, word: Option<String>) {
-        let Some(a) = self.slots[i].active.as_mut() else {
+        let n_past = self.slots[i].session.as_ref().map_or(0, |s| s.n_past());
+        let Some(mut a) = self.release(i) else {
             return;
         };
         let now = Instant::now();
@@ -501,13 +502,8 @@ impl<'m> Engine<'m> {
             tail.push_str(&show);
             tail.push_str(&a.stops.finish());
         }
-        let n_past = self.slots[i].session.as_ref().map_or(0, |s| s.n_past());
-        let n_ctx = self.cfg.n_ctx;
-        let Some(a) = self.slots[i].active.as_mut() else {
-            return;
-        };
         let limited_by_ctx = stop == StopType::Limit
-            && n_past >= n_ctx
+            && n_past >= self.cfg.n_ctx
             && a.job
                 .params
                 .n_predict
@@ -515,7 +511,7 @@ impl<'m> Engine<'m> {
         let done = Done {
             slot: i,
             content: a.stops.text().to_owned(),
-            tokens: a.generated.clone(),
+            tokens: std::mem::take(&mut a.generated),
             tail,
             tail_tokens: std::mem::take(&mut a.unsent),
             stop_type: stop,
@@ -535,13 +531,13 @@ impl<'m> Engine<'m> {
             m.tokens_predicted_seconds_total += done.predicted_ms / 1e3;
         }
         let _ = a.job.events.send(Event::Done(Box::new(done)));
-        self.release(i);
     }
 
-    /// Frees slot `i` and resets its cache (a new session if the reset fails).
-    fn release(&mut self, i: usize) {
+    /// Frees slot `i`, resets its cache (a new session if the reset fails), publishes it,
+    /// and returns what it was running.
+    fn release(&mut self, i: usize) -> Option<Active> {
         let slot = &mut self.slots[i];
-        slot.active = None;
+        let active = slot.active.take();
         if let Some(s) = slot.session.as_mut() {
             if let Err(e) = s.reset() {
                 log::error!("slot {i}: reset failed ({e}); making a new session");
@@ -554,6 +550,11 @@ impl<'m> Engine<'m> {
                 };
             }
         }
+        let view = self.view(i);
+        if let Some(v) = self.shared.lock().slots.get_mut(i) {
+            *v = view;
+        }
+        active
     }
 
     /// Shutdown: every job ends with an error, every slot is reset.
@@ -564,40 +565,39 @@ impl<'m> Engine<'m> {
             let _ = j.events.send(Event::Error(gone()));
         }
         for i in 0..self.slots.len() {
-            if let Some(a) = &self.slots[i].active {
+            if let Some(a) = self.release(i) {
                 let _ = a.job.events.send(Event::Error(gone()));
-                self.release(i);
             }
         }
         self.publish(0, 0);
     }
 
+    /// Slot `i` as /slots shows it.
+    fn view(&self, i: usize) -> SlotView {
+        let s = &self.slots[i];
+        let (n_past, kv_bytes) = s
+            .session
+            .as_ref()
+            .map_or((0, 0), |x| (x.n_past(), x.kv_bytes()));
+        let a = s.active.as_ref();
+        SlotView {
+            id: s.id,
+            id_task: a.map_or(-1, |a| a.job.id as i64),
+            is_processing: a.is_some(),
+            n_ctx: self.cfg.n_ctx,
+            n_past,
+            kv_bytes,
+            n_prompt: a.map_or(0, |a| a.job.prompt.len()),
+            n_decoded: a.map_or(0, |a| a.generated.len()),
+            has_new_line: a.is_some_and(|a| a.has_new_line),
+            params: a.map(|a| a.job.params.clone()),
+        }
+    }
+
     /// The slots' state and the round's counters, for /slots, /props and /metrics.
     fn publish(&self, n_eval: u64, busy: u64) {
-        let views: Vec<SlotView> = self
-            .slots
-            .iter()
-            .map(|s| {
-                let (n_past, kv_bytes) = s
-                    .session
-                    .as_ref()
-                    .map_or((0, 0), |x| (x.n_past(), x.kv_bytes()));
-                let a = s.active.as_ref();
-                SlotView {
-                    id: s.id,
-                    id_task: a.map_or(-1, |a| a.job.id as i64),
-                    is_processing: a.is_some(),
-                    n_ctx: self.cfg.n_ctx,
-                    n_past,
-                    kv_bytes,
-                    n_prompt: a.map_or(0, |a| a.job.prompt.len()),
-                    n_decoded: a.map_or(0, |a| a.generated.len()),
-                    has_new_line: a.is_some_and(|a| a.has_new_line),
-                    params: a.map(|a| a.job.params.clone()),
-                }
-            })
-            .collect();
-        let mut p: std::sync::MutexGuard<'_, Published> = self.shared.lock();
+        let views: Vec<SlotView> = (0..self.slots.len()).map(|i| self.view(i)).collect();
+        let mut p = self.shared.lock();
         let m = &mut p.metrics;
         if n_eval > 0 {
             m.n_decode_total += n_eval;

@@ -205,7 +205,8 @@ mod tests {
         ];
         let mut kw = Map::new();
         kw.insert("flag".into(), json!(true));
-        assert_eq!(t.render(&msgs, false, &kw).unwrap(), "<s>\nA[true]");
+        // Booleans print as Python prints them, as in jinja2.
+        assert_eq!(t.render(&msgs, false, &kw).unwrap(), "<s>\nA[True]");
     }
 
     #[test]
