@@ -18,6 +18,7 @@ use crate::llama::LlamaModel;
 use crate::model::sample::Sampler;
 use crate::model::{Logits, Model, Session, SessionParams};
 use std::collections::VecDeque;
+use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
@@ -95,6 +96,26 @@ pub struct Job {
     pub prompt: Vec<i32>,
     pub params: GenParams,
     events: UnboundedSender<Event>,
+    /// Counts the job as admitted until it is dropped, or handed back before its answer is
+    /// sent so that the client's next request finds the room.
+    ticket: Option<Ticket>,
+}
+
+impl Job {
+    /// The answer, after giving the job's place back.
+    fn answer(&mut self, ev: Event) {
+        self.ticket = None;
+        let _ = self.events.send(ev);
+    }
+}
+
+/// One admitted job: running or waiting.
+struct Ticket(Arc<AtomicUsize>);
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 enum Cmd {
@@ -127,6 +148,9 @@ pub struct EngineHandle {
     tx: Sender<Cmd>,
     /// Jobs sent but not yet in a slot.
     waiting: Arc<AtomicUsize>,
+    /// Jobs admitted and not yet answered, and how many may be: the slots plus `--queue`.
+    admitted: Arc<AtomicUsize>,
+    limit: usize,
     queue: usize,
     next_id: AtomicU64,
 }
@@ -139,18 +163,21 @@ impl EngineHandle {
         params: GenParams,
     ) -> Result<(u64, UnboundedReceiver<Event>), ApiError> {
         let full = self
-            .waiting
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |w| {
-                (w < self.queue).then_some(w + 1)
+            .admitted
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.limit).then_some(n + 1)
             })
             .is_err();
         if full {
             return Err(ApiError::unavailable(format!(
-                "all slots are busy and {} requests are already waiting (--queue): retry later",
+                "all {} slots are busy and {} requests are already waiting (--queue): retry later",
+                self.limit - self.queue,
                 self.queue
             ))
             .with_retry_after(1));
         }
+        let ticket = Ticket(self.admitted.clone());
+        self.waiting.fetch_add(1, Ordering::AcqRel);
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (events, rx) = tokio::sync::mpsc::unbounded_channel();
         let job = Job {
@@ -158,6 +185,7 @@ impl EngineHandle {
             prompt,
             params,
             events,
+            ticket: Some(ticket),
         };
         if self.tx.send(Cmd::Job(job)).is_err() {
             self.waiting.fetch_sub(1, Ordering::AcqRel);
@@ -188,6 +216,7 @@ pub fn start(
     let waiting = Arc::new(AtomicUsize::new(0));
     let w = waiting.clone();
     let queue = cfg.queue;
+    let limit = cfg.n_slots.saturating_add(cfg.queue);
     let thread = std::thread::Builder::new()
         .name("ottkv-engine".into())
         .spawn(move || {
@@ -252,6 +281,8 @@ pub fn start(
     let handle = EngineHandle {
         tx,
         waiting,
+        admitted: Arc::new(AtomicUsize::new(0)),
+        limit,
         queue,
         next_id: AtomicU64::new(0),
     };
@@ -405,15 +436,24 @@ impl<'m> Engine<'m> {
                 self.release(i);
                 continue;
             }
-            let (step, evaluated) = self.step(i);
+            let stepped = std::panic::catch_unwind(AssertUnwindSafe(|| self.step(i)));
+            let (step, evaluated) = stepped.unwrap_or_else(|_| {
+                // A bug inside a step leaves the session in an unknown state: replace it.
+                self.slots[i].session = new_session(self.model, &self.cfg)
+                    .map_err(|e| log::error!("slot {i}: no new session ({e})"))
+                    .ok();
+                let e =
+                    ApiError::server("internal error while generating (a bug: please report it)");
+                (Step::Failed(e), true)
+            });
             n_eval += u64::from(evaluated);
             match step {
                 Step::Continue => {}
                 Step::Finished(stop, word) => self.finish(i, stop, word),
                 Step::Failed(e) => {
                     log::error!("slot {i}: {e}");
-                    if let Some(a) = self.release(i) {
-                        let _ = a.job.events.send(Event::Error(e));
+                    if let Some(mut a) = self.release(i) {
+                        a.job.answer(Event::Error(e));
                     }
                 }
             }
@@ -530,7 +570,7 @@ impl<'m> Engine<'m> {
             m.tokens_predicted_total += done.n_predicted() as u64;
             m.tokens_predicted_seconds_total += done.predicted_ms / 1e3;
         }
-        let _ = a.job.events.send(Event::Done(Box::new(done)));
+        a.job.answer(Event::Done(Box::new(done)));
     }
 
     /// Frees slot `i`, resets its cache (a new session if the reset fails), publishes it,
@@ -560,13 +600,13 @@ impl<'m> Engine<'m> {
     /// Shutdown: every job ends with an error, every slot is reset.
     fn cancel_all(&mut self) {
         let gone = || ApiError::unavailable("the server is shutting down");
-        while let Some(j) = self.pending.pop_front() {
+        while let Some(mut j) = self.pending.pop_front() {
             self.dequeued();
-            let _ = j.events.send(Event::Error(gone()));
+            j.answer(Event::Error(gone()));
         }
         for i in 0..self.slots.len() {
-            if let Some(a) = self.release(i) {
-                let _ = a.job.events.send(Event::Error(gone()));
+            if let Some(mut a) = self.release(i) {
+                a.job.answer(Event::Error(gone()));
             }
         }
         self.publish(0, 0);
