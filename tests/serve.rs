@@ -772,6 +772,19 @@ fn disconnect_frees_the_slot_and_the_queue_is_bounded() {
     }
     wait_slots_free(&c, &u);
     assert_alive(&c, &u);
+    // A client that gives up on a plain (not streamed) answer frees its slot too.
+    let impatient = Client::builder()
+        .timeout(Duration::from_millis(700))
+        .build()
+        .unwrap();
+    let mut plain = long.clone();
+    plain["stream"] = json!(false);
+    let r = impatient
+        .post(format!("{u}/completion"))
+        .json(&plain)
+        .send();
+    assert!(r.is_err_and(|e| e.is_timeout()));
+    wait_slots_free(&c, &u);
 
     // One slot busy, one request waiting, the next one refused with 503 + Retry-After.
     let r = c

@@ -129,20 +129,25 @@ pub fn run(a: &Args) -> Result<()> {
         .map_err(|e| Error::InvalidArgument(format!("could not start the HTTP runtime: {e}")))?;
     let result = rt.block_on(async {
         let addr = format!("{}:{}", a.host, a.port);
-        let listener = tokio::net::TcpListener::bind(&addr)
+        // (host, port) rather than the joined string, so that IPv6 literals bind too.
+        let listener = tokio::net::TcpListener::bind((a.host.as_str(), a.port))
             .await
             .map_err(|e| Error::io(&addr, e))?;
         let local = listener.local_addr().map_err(|e| Error::io(&addr, e))?;
+        let per_token = |b: f64| b / a.ctx_size as f64 / 1024.0;
         let mut out = std::io::stdout().lock();
         let _ = writeln!(
             out,
-            "KV cache per slot at {} tokens: {} {:.2} MiB ({:.2} bits/element) vs f16 {:.2} MiB: \
-             {:.2}x less; {} slots, {:.2} MiB allocated per slot at start",
+            "KV cache per slot at {} tokens: {} {:.2} MiB ({:.2} KiB/token, {:.2} bits/element) \
+             vs f16 {:.2} MiB ({:.2} KiB/token): {:.2}x less; {} slot(s), {:.2} MiB each \
+             allocated at start",
             a.ctx_size,
             cache_name,
             mib(ours),
+            per_token(ours),
             8.0 * ours / (elems_per_token * a.ctx_size as f64),
             mib(theirs),
+            per_token(theirs),
             theirs / ours.max(1.0),
             a.parallel,
             mib(start.kv_bytes_start as f64),
