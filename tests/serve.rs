@@ -838,7 +838,9 @@ fn disconnect_frees_the_slot_and_the_queue_is_bounded() {
 fn api_key_is_required_except_for_health() {
     let Some(m) = model() else { return };
     let _g = serial();
-    let srv = Server::start(&m, &["--api-key", "s3cret"]);
+    let template =
+        "{% for m in messages %}[{{ m.role | upper }}]{{ m.content.strip() }}\n{% endfor %}";
+    let srv = Server::start(&m, &["--api-key", "s3cret", "--chat-template", template]);
     let c = client();
     let u = &srv.url;
     assert_eq!(get(&c, u, "/health").0, 200);
@@ -866,6 +868,18 @@ fn api_key_is_required_except_for_health() {
         .send()
         .unwrap();
     assert_eq!(ok.status().as_u16(), 200);
+    // --chat-template replaces the model's template.
+    let msgs = json!([{"role": "user", "content": " Hi "}, {"role": "assistant", "content": "Yo"}]);
+    let r = c
+        .post(format!("{u}/apply-template"))
+        .bearer_auth("s3cret")
+        .json(&json!({ "messages": msgs }))
+        .send()
+        .unwrap();
+    assert_eq!(
+        json_of(r),
+        (200, json!({"prompt": "[USER]Hi\n[ASSISTANT]Yo\n"}))
+    );
     let r = c
         .post(format!("{u}/completion"))
         .bearer_auth("s3cret")

@@ -5,7 +5,7 @@ mod bench;
 mod compare;
 mod cuda_bench;
 mod dump_kv;
-mod generate;
+pub(crate) mod generate;
 mod info;
 mod inspect;
 mod kv_error;

@@ -52,7 +52,7 @@ pub struct Args {
     #[arg(long, default_value_t = -1, allow_negative_numbers = true)]
     pub seed: i64,
     /// Default temperature (0: greedy).
-    #[arg(long, default_value_t = 0.8, allow_negative_numbers = true)]
+    #[arg(long, default_value_t = 0.8, value_parser = crate::cli::generate::parse_temp)]
     pub temp: f32,
     /// Most requests waiting for a slot; more get 503 with Retry-After.
     #[arg(long, default_value_t = 64)]
@@ -147,6 +147,36 @@ pub fn normalize_argv(args: impl IntoIterator<Item = OsString>) -> Vec<OsString>
 #[cfg(test)]
 mod tests {
     use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct T {
+        #[command(flatten)]
+        a: Args,
+    }
+
+    /// `ottkv serve -m x.gguf EXTRA...` as the CLI reads it.
+    fn parse(extra: &[&str]) -> Result<Args, clap::Error> {
+        let argv = ["ottkv", "serve", "-m", "x.gguf"].iter().chain(extra);
+        let mut argv = normalize_argv(argv.map(OsString::from));
+        argv.remove(1);
+        T::try_parse_from(argv).map(|t| t.a)
+    }
+
+    #[test]
+    fn cache_flags() {
+        let name = |extra: &[&str]| parse(extra).unwrap().cache_kind().map(|(n, _)| n);
+        assert_eq!(name(&[]).unwrap(), "recommended");
+        assert_eq!(name(&["--cache", "ott3a"]).unwrap(), "ott3a");
+        assert_eq!(name(&["-ctk", "q8_0", "-ctv", "q8_0"]).unwrap(), "q8_0");
+        // One of the two alone leaves the other at llama-server's f16: they differ.
+        let e = name(&["-ctk", "q4_0"]).unwrap_err().to_string();
+        assert!(e.contains("-ctk q4_0 and -ctv f16 differ"), "{e}");
+        assert!(name(&["-ctk", "ott2", "-ctv", "ott2"]).is_err());
+        assert!(parse(&["-ctk", "f16", "--cache", "ott2"]).is_err());
+        assert!(parse(&["--temp", "-1"]).is_err());
+        assert_eq!(parse(&["-np", "3"]).unwrap().parallel, 3);
+    }
 
     #[test]
     fn multi_letter_short_flags() {
