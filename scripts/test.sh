@@ -13,6 +13,12 @@ export OTTKV_TEXT="${OTTKV_TEXT:-${fetched[1]}}"
 if [ "${OTTKV_SKIP_LARGE_MODELS:-0}" != 1 ]; then
   ./scripts/fetch.sh qwen2.5-coder-0.5b >/dev/null
 fi
+# The official OpenAI client drives `ottkv serve` in tests/serve.rs; without network (or pip)
+# that one test skips, visibly.
+if ! python3 -c "import openai" 2>/dev/null; then
+  python3 -m pip install --quiet "openai>=1,<2" 2>/dev/null ||
+    echo "skipping the openai client install (no network or no pip): its serve test will skip" >&2
+fi
 cargo test --release --locked "$@"
 # The CUDA kernels must compile (to PTX the GPU machines can load) even where no GPU is.
 ./scripts/cuda-build-check.sh

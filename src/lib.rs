@@ -3,7 +3,8 @@
 //!
 //! Layers, bottom up: `format` (the cache's block layout, shared with the CUDA kernels),
 //! `gguf` (model files over mmap), `ggml` and `llama` (FFI), `quant` (the scalar quantizer,
-//! the oracle), `cache` (the KV caches), `eval` (measurement), `cli`.
+//! the oracle), `cache` (the KV caches), `eval` (measurement), `cli`, and `serve` (the HTTP
+//! server, behind the default `serve` feature).
 
 pub mod cache;
 pub mod capi;
@@ -20,6 +21,8 @@ pub mod llama;
 pub mod model;
 pub mod paths;
 pub mod quant;
+#[cfg(feature = "serve")]
+pub mod serve;
 
 pub use error::{Error, Result};
 

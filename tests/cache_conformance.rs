@@ -57,7 +57,9 @@ fn session<'m>(model: &'m Model, cache: &str, n_ctx: usize) -> Session<'m> {
 
 fn tokens(model: &Model, n: usize) -> Vec<i32> {
     let v = model.hparams.vocab_size as i32;
-    (0..n as i32).map(|i| 3 + (i * 7919 + 11) % (v - 3)).collect()
+    (0..n as i32)
+        .map(|i| 3 + (i * 7919 + 11) % (v - 3))
+        .collect()
 }
 
 #[test]
@@ -82,7 +84,11 @@ fn every_cache_keeps_the_contract() {
                     row.bits_at(hp, n).unwrap() * elems * n as f64 / 8.0
                 }
             };
-            assert_eq!(s.kv_bytes() as f64, priced, "{what}: reported vs closed form");
+            assert_eq!(
+                s.kv_bytes() as f64,
+                priced,
+                "{what}: reported vs closed form"
+            );
 
             // Reset: the same tokens again, the same logits.
             s.reset().unwrap();
@@ -111,7 +117,11 @@ fn every_cache_keeps_the_contract() {
                 }
                 other => panic!("{what}: expected TokenOutOfVocab, got {:?}", other.err()),
             }
-            assert_eq!(s.n_past(), half, "{what}: a refused call moved the position");
+            assert_eq!(
+                s.n_past(),
+                half,
+                "{what}: a refused call moved the position"
+            );
             let rest = s.eval(&toks[half..], Logits::Last).unwrap();
             // The same split without the refused calls (f16's flash attention rounds a batch
             // unlike one token, so the split itself must match).

@@ -40,7 +40,7 @@ pub struct Args {
     threads: usize,
 }
 
-fn parse_temp(s: &str) -> std::result::Result<f32, String> {
+pub(crate) fn parse_temp(s: &str) -> std::result::Result<f32, String> {
     match s.parse::<f32>() {
         Ok(t) if t.is_finite() && t >= 0.0 => Ok(t),
         Ok(t) => Err(format!("{t} is not a finite temperature >= 0")),

@@ -46,6 +46,9 @@ fn report() -> Report {
     if cfg!(feature = "cuda") {
         features.push("cuda");
     }
+    if cfg!(feature = "serve") {
+        features.push("serve");
+    }
     let kernels: Vec<Kernel> = KERNELS
         .iter()
         .map(|(name, k)| match k {

@@ -5,7 +5,7 @@ mod bench;
 mod compare;
 mod cuda_bench;
 mod dump_kv;
-mod generate;
+pub(crate) mod generate;
 mod info;
 mod inspect;
 mod kv_error;
@@ -45,11 +45,18 @@ enum Command {
     CudaBench(cuda_bench::Args),
     /// Build facts for a bug report: versions, features, embedded kernels, CUDA device.
     Info(info::Args),
+    /// An HTTP server with llama-server's and OpenAI's API, over our engine and caches.
+    #[cfg(feature = "serve")]
+    Serve(crate::serve::Args),
 }
 
 /// Runs the command line and returns the process exit status.
 pub fn main() -> i32 {
-    let cli = match Cli::try_parse() {
+    #[cfg(feature = "serve")]
+    let argv = crate::serve::args::normalize_argv(std::env::args_os());
+    #[cfg(not(feature = "serve"))]
+    let argv = std::env::args_os();
+    let cli = match Cli::try_parse_from(argv) {
         Ok(c) => c,
         Err(e) => {
             let _ = e.print();
@@ -66,6 +73,8 @@ pub fn main() -> i32 {
         Command::Bench(a) => bench::run(&a),
         Command::Info(a) => info::run(&a),
         Command::CudaBench(a) => cuda_bench::run(&a),
+        #[cfg(feature = "serve")]
+        Command::Serve(a) => crate::serve::run(&a),
     });
     match result {
         Ok(Ok(())) => 0,

@@ -3,10 +3,12 @@
 //! status becomes an `Error::Llama` once, here.
 
 mod capture;
+mod chat;
 mod context;
 mod model;
 
 pub use capture::{capture_qkv, Captured};
+pub use chat::chat_apply_template;
 pub use context::{LlamaContext, LlamaContextParams};
 pub use model::{LlamaModel, Token};
 

@@ -84,7 +84,19 @@ impl LlamaModel {
     }
 
     /// llama.cpp's tokenization of `text`; `add_special` adds BOS/EOS per the model's settings.
+    /// Special-token text (`<|im_start|>`) is tokenized as plain text.
     pub fn tokenize(&self, text: &str, add_special: bool) -> Result<Vec<Token>> {
+        self.tokenize_with(text, add_special, false)
+    }
+
+    /// As [`tokenize`](Self::tokenize); with `parse_special` the text of a special token
+    /// becomes that token, as a rendered chat template needs.
+    pub fn tokenize_with(
+        &self,
+        text: &str,
+        add_special: bool,
+        parse_special: bool,
+    ) -> Result<Vec<Token>> {
         let len = i32::try_from(text.len()).map_err(|_| {
             Error::Llama(format!(
                 "text of {} bytes is too long to tokenize",
@@ -102,7 +114,7 @@ impl LlamaModel {
                 out.as_mut_ptr(),
                 out.len() as i32,
                 add_special,
-                false,
+                parse_special,
             )
         };
         if n < 0 {
@@ -112,11 +124,20 @@ impl LlamaModel {
         Ok(out)
     }
 
-    /// The text of one token (bytes as the tokenizer stores them, lossily decoded).
+    /// The text of one token (bytes as the tokenizer stores them, lossily decoded; special
+    /// tokens render as nothing).
     pub fn token_to_piece(&self, token: Token) -> Result<String> {
+        Ok(String::from_utf8_lossy(&self.token_bytes(token, false)?).into_owned())
+    }
+
+    /// The bytes of one token, which may be part of a UTF-8 character; `special` renders
+    /// special tokens (`<|im_end|>`) as their text instead of nothing.
+    pub fn token_bytes(&self, token: Token, special: bool) -> Result<Vec<u8>> {
+        self.check_token(token)?;
         let mut buf = vec![0u8; 64];
         for _ in 0..2 {
-            // SAFETY: buf has buf.len() writable bytes.
+            // SAFETY: buf has buf.len() writable bytes; the token is in range (llama.cpp
+            // indexes its tables with it unchecked and throws through the C API otherwise).
             let n = unsafe {
                 sys::llama_token_to_piece(
                     self.vocab(),
@@ -124,17 +145,56 @@ impl LlamaModel {
                     buf.as_mut_ptr() as *mut _,
                     buf.len() as i32,
                     0,
-                    false,
+                    special,
                 )
             };
             if n >= 0 {
-                return Ok(String::from_utf8_lossy(&buf[..n as usize]).into_owned());
+                buf.truncate(n as usize);
+                return Ok(buf);
             }
             buf.resize((-n) as usize, 0);
         }
         Err(Error::Llama(format!(
             "token_to_piece failed for token {token}"
         )))
+    }
+
+    /// A token id the vocabulary has, or an error naming the range.
+    pub fn check_token(&self, token: Token) -> Result<()> {
+        let n = self.n_vocab();
+        if token < 0 || token as usize >= n {
+            return Err(Error::InvalidArgument(format!(
+                "token id {token} outside the vocabulary (0..{n})"
+            )));
+        }
+        Ok(())
+    }
+
+    /// The BOS token, if the vocabulary has one.
+    pub fn bos(&self) -> Option<Token> {
+        // SAFETY: vocab pointer from a live model.
+        let t = unsafe { sys::llama_vocab_bos(self.vocab()) };
+        self.check_token(t).ok().map(|_| t)
+    }
+
+    /// The EOS token, if the vocabulary has one.
+    pub fn eos(&self) -> Option<Token> {
+        // SAFETY: vocab pointer from a live model.
+        let t = unsafe { sys::llama_vocab_eos(self.vocab()) };
+        self.check_token(t).ok().map(|_| t)
+    }
+
+    /// A token's text as the vocabulary stores it (`<|im_start|>`; SentencePiece's `▁` kept).
+    pub fn token_text(&self, token: Token) -> Result<String> {
+        self.check_token(token)?;
+        // SAFETY: the token is in range; the string lives as long as the model.
+        let p = unsafe { sys::llama_vocab_get_text(self.vocab(), token) };
+        if p.is_null() {
+            return Err(Error::Llama(format!("token {token} has no text")));
+        }
+        // SAFETY: llama.cpp returns a NUL-terminated string owned by the vocabulary.
+        let s = unsafe { std::ffi::CStr::from_ptr(p) };
+        Ok(s.to_string_lossy().into_owned())
     }
 }
 
