@@ -938,7 +938,8 @@ fn unequal_cache_types_are_refused() {
         .args(["-ctk", "q8_0", "-ctv", "f16", "--port", "0"])
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(1));
+    // A usage error, as a bad flag is.
+    assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("-ctk q8_0 and -ctv f16 differ"), "{err}");
 }
