@@ -79,6 +79,34 @@ pub enum CacheKind {
     Ott(CacheConfig),
 }
 
+impl CacheKind {
+    /// KV bytes this cache allocates for a sequence of up to `n_tokens` tokens, from the
+    /// closed forms: ggml caches hold whole 256-cell pads, as llama.cpp's; ours is
+    /// `expected_memory` (with its window rings), which equals what the cache reports
+    /// (tested). Where our cache chooses row precision itself, this prices the f16 rows it
+    /// starts with.
+    pub fn bytes_at(
+        &self,
+        hp: &crate::gguf::ModelHparams,
+        n_tokens: usize,
+    ) -> crate::Result<usize> {
+        if n_tokens == 0 {
+            return Err(crate::Error::InvalidArgument(
+                "bytes_at: zero tokens".into(),
+            ));
+        }
+        Ok(match self {
+            CacheKind::Block { ty, .. } => {
+                let t = ty.ggml_type();
+                let cells = n_tokens.div_ceil(256) * 256;
+                let row = hp.head_dim_k as usize * hp.n_head_kv as usize * cells;
+                2 * hp.n_layer as usize * row / t.block_size() as usize * t.type_size() as usize
+            }
+            CacheKind::Ott(c) => crate::model::kv::ott_expected_bytes(c, hp, n_tokens)?,
+        })
+    }
+}
+
 impl FromStr for CacheKind {
     type Err = KindError;
     fn from_str(name: &str) -> Result<Self, KindError> {
@@ -144,28 +172,11 @@ impl CacheRow {
     }
 
     /// KV bits per cached element (K and V, all layers) this row allocates for a sequence of
-    /// `n_tokens` tokens, from the closed forms: ggml caches pad to 256 cells as llama.cpp
-    /// does; ours is `expected_memory`, which equals what the cache reports (tested).
+    /// `n_tokens` tokens ([`CacheKind::bytes_at`] per element).
     pub fn bits_at(&self, hp: &crate::gguf::ModelHparams, n_tokens: usize) -> crate::Result<f64> {
         let elems = 2.0 * hp.n_layer as f64 * hp.n_head_kv as f64 * hp.head_dim_k as f64;
-        let padded = |bytes: f64, blck: f64| {
-            let cells = n_tokens.div_ceil(256) * 256;
-            8.0 * bytes / blck * cells as f64 / n_tokens as f64
-        };
-        let ggml = |ty: BlockType| {
-            let t = ty.ggml_type();
-            padded(t.type_size() as f64, t.block_size() as f64)
-        };
-        if n_tokens == 0 {
-            return Err(crate::Error::InvalidArgument("bits_at: zero tokens".into()));
-        }
-        Ok(match &self.kind {
-            CacheKind::Block { ty, .. } => ggml(*ty),
-            CacheKind::Ott(c) => {
-                let bytes = crate::model::kv::ott_expected_bytes(c, hp, n_tokens)?;
-                bytes as f64 * 8.0 / (elems * n_tokens as f64)
-            }
-        })
+        let bytes = self.kind.bytes_at(hp, n_tokens)?;
+        Ok(bytes as f64 * 8.0 / (elems * n_tokens as f64))
     }
 
     /// The llama.cpp block type of a `llama:` row.

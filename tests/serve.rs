@@ -347,7 +347,9 @@ fn concurrent_equals_alone(cache_args: &[&str]) {
     let total: usize = 2 * alone.iter().map(Vec::len).sum::<usize>();
     assert_eq!(metrics["llamacpp:tokens_predicted_total"] as usize, total);
     assert_eq!(metrics["llamacpp:requests_processing"], 0.0);
-    assert!(metrics["ottkv:kv_bytes_total"] > 0.0);
+    // Finished requests give their caches back: idle slots hold no KV memory.
+    assert_eq!(metrics["ottkv:kv_bytes_total"], 0.0);
+    assert_eq!(metrics["ottkv:kv_bytes_reserved"], 0.0);
     assert!(metrics.contains_key("ottkv:kv_bytes{slot=\"3\"}"));
 }
 
@@ -380,6 +382,101 @@ fn metrics(c: &Client, url: &str) -> std::collections::HashMap<String, f64> {
         out.insert(key.to_string(), v);
     }
     out
+}
+
+/// The KV budget decides how many requests run at once: the same budget that holds one f16
+/// request at a time holds several of ours, and the answers are the same token for token
+/// either way; a request that could never fit is refused at once, the others unaffected.
+#[test]
+fn the_kv_budget_turns_memory_into_concurrent_requests() {
+    let Some(m) = model() else { return };
+    let _g = serial();
+    let hp = ottkv::model::Model::load(&m).unwrap().hparams;
+    let n = 12;
+    let prompts: Vec<Vec<i64>> = {
+        let srv = Server::start(&m, &[]);
+        let c = client();
+        PROMPTS
+            .iter()
+            .map(|p| {
+                let (s, v) = post(&c, &srv.url, "/tokenize", &json!({ "content": p }));
+                assert_eq!(s, 200, "{v}");
+                v["tokens"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|t| t.as_i64().unwrap())
+                    .collect()
+            })
+            .collect()
+    };
+    // What each request reserves: its session's closed form at prompt + n_predict tokens.
+    let need = |cache: &str| -> usize {
+        let kind: ottkv::kind::CacheKind = cache.parse().unwrap();
+        prompts
+            .iter()
+            .map(|p| kind.bytes_at(&hp, p.len() + n).unwrap())
+            .max()
+            .unwrap()
+    };
+    let (f16, ours) = (need("f16"), need("recommended"));
+    let budget = f16 * 3 / 2;
+    assert!(
+        2 * ours <= budget,
+        "ours {ours} B, f16 {f16} B: the premise of this test"
+    );
+    let budget_mib = format!("{}", budget as f64 / (1u64 << 20) as f64);
+
+    for cache_args in [
+        &["--cache", "recommended"][..],
+        &["-ctk", "f16", "-ctv", "f16"],
+    ] {
+        let mut args = vec!["-np", "4", "--metrics", "--kv-budget", &budget_mib];
+        args.extend_from_slice(cache_args);
+        let srv = Server::start(&m, &args);
+        let c = client();
+        let run = |p: &Vec<i64>| {
+            let body =
+                json!({"prompt": p, "n_predict": n, "temperature": 0, "return_tokens": true});
+            let (s, v) = post(&c, &srv.url, "/completion", &body);
+            assert_eq!(s, 200, "{v}");
+            v["tokens"].clone()
+        };
+        let alone: Vec<Value> = prompts.iter().map(run).collect();
+        let together: Vec<Value> = std::thread::scope(|s| {
+            let hs: Vec<_> = prompts.iter().map(|p| s.spawn(move || run(p))).collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert_eq!(together, alone, "{cache_args:?}");
+        let metrics = metrics(&c, &srv.url);
+        let busy = metrics["llamacpp:n_busy_slots_per_decode"];
+        if cache_args[0] == "-ctk" {
+            assert_eq!(
+                busy, 1.0,
+                "f16 under a budget of 1.5 requests ran them one by one"
+            );
+        } else {
+            assert!(
+                busy > 1.0,
+                "ours under the same budget ran several at once: {busy}"
+            );
+        }
+        assert_eq!(metrics["ottkv:kv_budget_bytes"] as usize, budget);
+        assert_eq!(metrics["ottkv:kv_bytes_reserved"], 0.0);
+        if cache_args[0] == "-ctk" {
+            // More than the whole budget (512 cells of f16): refused with the numbers, and
+            // nothing else breaks.
+            let big = json!({"prompt": "Hi", "n_predict": 500, "temperature": 0});
+            let msg = assert_error(
+                &post(&c, &srv.url, "/completion", &big),
+                400,
+                "invalid_request_error",
+            );
+            assert!(msg.contains("--kv-budget") && msg.contains("MiB"), "{msg}");
+            assert_alive(&c, &srv.url);
+        }
+        wait_slots_free(&c, &srv.url);
+    }
 }
 
 #[test]

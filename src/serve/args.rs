@@ -57,6 +57,10 @@ pub struct Args {
     /// Most requests waiting for a slot; more get 503 with Retry-After.
     #[arg(long, default_value_t = 64)]
     pub queue: usize,
+    /// KV cache memory, in MiB, all running requests may use together; a request waits
+    /// until its cache fits (default: every slot at `-c` tokens of f16).
+    #[arg(long, value_parser = parse_mib)]
+    pub kv_budget: Option<usize>,
 }
 
 impl Args {
@@ -105,6 +109,16 @@ impl Args {
             )));
         }
         Ok(Some(t.clone()))
+    }
+}
+
+/// A positive, finite number of MiB, as bytes.
+fn parse_mib(s: &str) -> Result<usize, String> {
+    match s.parse::<f64>() {
+        Ok(m) if m.is_finite() && m > 0.0 && m * ((1u64 << 20) as f64) < usize::MAX as f64 => {
+            Ok((m * (1u64 << 20) as f64) as usize)
+        }
+        _ => Err(format!("{s:?}: a positive number of MiB")),
     }
 }
 

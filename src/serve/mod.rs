@@ -8,9 +8,8 @@
 //! (llama-server's error object).
 //!
 //! This is many sequences with one graph each: every slot computes its own graph over its own
-//! cache, and the engine takes the slots in turn. Batching all sequences into one graph is a
-//! later step; so is admitting requests against a KV memory budget (each slot's cache is
-//! sized for `-c` tokens up front).
+//! cache, and the engine takes the slots in turn; requests are admitted against a KV memory
+//! budget (see `slots`). Batching all sequences into one graph is a later step.
 //!
 //! [`Session`]: crate::model::Session
 
@@ -68,6 +67,7 @@ pub fn run(a: &Args) -> Result<()> {
         threads: a.threads,
         cache: kind.clone(),
         queue: a.queue,
+        kv_budget: a.kv_budget,
     };
     let (engine, start, engine_thread) = slots::start(cfg, vocab.clone(), shared.clone())?;
     let hp = &start.hparams;
@@ -139,8 +139,8 @@ pub fn run(a: &Args) -> Result<()> {
         let _ = writeln!(
             out,
             "KV cache per slot at {} tokens: {} {:.2} MiB ({:.2} KiB/token, {:.2} bits/element) \
-             vs f16 {:.2} MiB ({:.2} KiB/token): {:.2}x less; {} slot(s), {:.2} MiB each \
-             allocated at start",
+             vs f16 {:.2} MiB ({:.2} KiB/token): {:.2}x less; {} slot(s), each allocating its \
+             cache when a request starts ({:.2} MiB as made for a full-context request)",
             a.ctx_size,
             cache_name,
             mib(ours),
@@ -151,6 +151,17 @@ pub fn run(a: &Args) -> Result<()> {
             theirs / ours.max(1.0),
             a.parallel,
             mib(start.kv_bytes_start as f64),
+        );
+        let budget = start.kv_budget as f64;
+        let _ =
+            writeln!(
+            out,
+            "KV budget {:.2} MiB{}: about {:.0} tokens of {} at once over all slots, {:.0} of f16",
+            mib(budget),
+            if a.kv_budget.is_some() { "" } else { " (slots x -c at f16)" },
+            budget / ours.max(1.0) * a.ctx_size as f64,
+            cache_name,
+            budget / theirs.max(1.0) * a.ctx_size as f64,
         );
         let _ = writeln!(out, "listening on http://{local}");
         let _ = out.flush();

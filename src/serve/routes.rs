@@ -523,6 +523,18 @@ async fn metrics(State(s): St) -> Result<Response, ApiError> {
         "KV cache bytes allocated by all slots.",
         &one(total as f64),
     );
+    metric(
+        "ottkv:kv_bytes_reserved",
+        "gauge",
+        "KV cache bytes reserved by the running requests (closed form of their sessions).",
+        &one(m.kv_reserved as f64),
+    );
+    metric(
+        "ottkv:kv_budget_bytes",
+        "gauge",
+        "KV cache bytes the running requests may reserve together (--kv-budget).",
+        &one(m.kv_budget as f64),
+    );
     let tokens: Vec<(String, f64)> = views
         .iter()
         .map(|v| (format!("{{slot=\"{}\"}}", v.id), v.n_past as f64))

@@ -7,7 +7,12 @@
 //!
 //! The HTTP side submits jobs through a channel and reads each job's events from its own
 //! channel; a job whose receiver is gone (the client left) is dropped at the next round and
-//! its slot reset at once.
+//! its cache freed at once.
+//!
+//! Memory is the admission rule: a job gets a session sized to what it can use (prompt plus
+//! `n_predict`, at most `-c`), whose closed-form KV bytes are reserved against the KV budget
+//! while it runs; the first waiting job starts when a slot is free and its bytes fit, and
+//! waits otherwise (first come, first served). An idle slot holds no cache.
 
 use super::error::ApiError;
 use super::params::GenParams;
@@ -127,8 +132,10 @@ enum Cmd {
 #[derive(Clone, Debug)]
 pub struct StartInfo {
     pub hparams: crate::gguf::ModelHparams,
-    /// KV bytes each slot's cache holds right after creation.
+    /// KV bytes a cache at `-c` tokens holds right after creation.
     pub kv_bytes_start: usize,
+    /// The KV budget in force.
+    pub kv_budget: usize,
 }
 
 /// Settings of the engine.
@@ -141,6 +148,9 @@ pub struct EngineConfig {
     pub threads: usize,
     pub cache: CacheKind,
     pub queue: usize,
+    /// KV bytes all running jobs may reserve together (None: every slot at `-c` tokens of
+    /// f16, llama-server's memory for the same flags).
+    pub kv_budget: Option<usize>,
 }
 
 /// The HTTP side's end: submit jobs, shut the engine down.
@@ -229,28 +239,44 @@ pub fn start(
                     return;
                 }
             };
-            let mut slots = Vec::with_capacity(cfg.n_slots);
-            for id in 0..cfg.n_slots {
-                match new_session(&model, &cfg) {
-                    Ok(session) => slots.push(Slot {
-                        id,
-                        session: Some(session),
-                        active: None,
-                    }),
-                    Err(e) => {
-                        let _ = ready_tx.send(Err(e));
-                        return;
-                    }
+            // One session at the full context, made and dropped, proves the cache runs with
+            // this model (a refusal is a startup error, not every request's).
+            let kv_bytes_start = match new_session(&model, &cfg, cfg.n_ctx) {
+                Ok(s) => s.kv_bytes(),
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                    return;
                 }
-            }
-            let kv_bytes_start = slots
-                .first()
-                .and_then(|s| s.session.as_ref())
-                .map_or(0, |s| s.kv_bytes());
+            };
+            let f16 = CacheKind::Block {
+                ty: crate::kind::BlockType::F16,
+                rotate: false,
+            };
+            let f16_budget = f16
+                .bytes_at(&model.hparams, cfg.n_ctx)
+                .map(|b| b.saturating_mul(cfg.n_slots));
+            let kv_budget = match (cfg.kv_budget, f16_budget) {
+                (Some(b), _) => b,
+                (None, Ok(b)) => b,
+                (None, Err(e)) => {
+                    let _ = ready_tx.send(Err(e));
+                    return;
+                }
+            };
+            let slots = (0..cfg.n_slots)
+                .map(|id| Slot {
+                    id,
+                    session: None,
+                    active: None,
+                })
+                .collect();
             let info = StartInfo {
                 hparams: model.hparams.clone(),
                 kv_bytes_start,
+                kv_budget,
             };
+            let mut cfg = cfg;
+            cfg.kv_budget = Some(kv_budget);
             let mut engine = Engine {
                 model: &model,
                 cfg,
@@ -259,6 +285,7 @@ pub fn start(
                 pending: VecDeque::new(),
                 waiting: w,
                 shared,
+                reserved: 0,
             };
             engine.publish(0, 0);
             let _ = ready_tx.send(Ok(info));
@@ -289,11 +316,15 @@ pub fn start(
     Ok((handle, info, thread))
 }
 
-fn new_session<'m>(model: &'m Model, cfg: &EngineConfig) -> crate::Result<Session<'m>> {
+fn new_session<'m>(
+    model: &'m Model,
+    cfg: &EngineConfig,
+    n_ctx: usize,
+) -> crate::Result<Session<'m>> {
     Session::new(
         model,
         SessionParams {
-            n_ctx: cfg.n_ctx,
+            n_ctx,
             n_batch: cfg.n_batch,
             threads: cfg.threads,
             cache: cfg.cache.clone(),
@@ -303,13 +334,15 @@ fn new_session<'m>(model: &'m Model, cfg: &EngineConfig) -> crate::Result<Sessio
 
 struct Slot<'m> {
     id: usize,
-    /// `None` only if a reset failed and a new session could not be made: the slot is out.
+    /// The running job's session (None while idle: an idle slot holds no KV memory).
     session: Option<Session<'m>>,
     active: Option<Active>,
 }
 
 struct Active {
     job: Job,
+    /// KV bytes reserved against the budget for this job's session.
+    reserved: usize,
     phase: Phase,
     sampler: Sampler,
     utf8: Utf8Stream,
@@ -343,6 +376,8 @@ struct Engine<'m> {
     pending: VecDeque<Job>,
     waiting: Arc<AtomicUsize>,
     shared: Shared,
+    /// KV bytes the running jobs reserved.
+    reserved: usize,
 }
 
 impl<'m> Engine<'m> {
@@ -392,7 +427,17 @@ impl<'m> Engine<'m> {
         self.waiting.fetch_sub(1, Ordering::AcqRel);
     }
 
-    /// Waiting jobs into free slots, first come first served; jobs whose client left go.
+    /// Tokens a job's session needs: its prompt and what it may generate, within `-c`.
+    fn job_ctx(&self, job: &Job) -> usize {
+        let n_predict = job.params.n_predict.unwrap_or(self.cfg.n_ctx);
+        job.prompt
+            .len()
+            .saturating_add(n_predict)
+            .clamp(1, self.cfg.n_ctx)
+    }
+
+    /// Waiting jobs into free slots while their KV fits the budget, first come first served;
+    /// jobs whose client left go, and a job that could never fit is answered at once.
     fn assign(&mut self) {
         let before = self.pending.len();
         self.pending.retain(|j| !j.events.is_closed());
@@ -400,17 +445,51 @@ impl<'m> Engine<'m> {
             self.dequeued();
         }
         for i in 0..self.slots.len() {
-            if self.slots[i].active.is_some() || self.slots[i].session.is_none() {
+            if self.slots[i].active.is_some() {
                 continue;
             }
-            let Some(job) = self.pending.pop_front() else {
+            let Some(job) = self.pending.front() else {
+                break;
+            };
+            let n_ctx = self.job_ctx(job);
+            let need = self
+                .cfg
+                .cache
+                .bytes_at(&self.model.hparams, n_ctx)
+                .unwrap_or(usize::MAX);
+            let budget = self.cfg.kv_budget.unwrap_or(usize::MAX);
+            if need <= budget && self.reserved.saturating_add(need) > budget {
+                break; // waits until running jobs give memory back
+            }
+            let Some(mut job) = self.pending.pop_front() else {
                 break;
             };
             self.dequeued();
+            if need > budget {
+                let mib = |b: usize| b as f64 / (1u64 << 20) as f64;
+                job.answer(Event::Error(ApiError::bad_request(format!(
+                    "this request needs {:.2} MiB of KV cache for {n_ctx} tokens, more than                      the whole --kv-budget of {:.2} MiB: ask for fewer tokens (n_predict) or                      start the server with a larger budget",
+                    mib(need),
+                    mib(budget)
+                ))));
+                continue;
+            }
+            let session = match new_session(self.model, &self.cfg, n_ctx) {
+                Ok(s) => s,
+                Err(e) => {
+                    job.answer(Event::Error(ApiError::server(format!(
+                        "could not make a cache for this request: {e}"
+                    ))));
+                    continue;
+                }
+            };
+            self.reserved += need;
+            self.slots[i].session = Some(session);
             let p = &job.params;
             let sampler = Sampler::new(p.temperature, p.top_k, p.top_p, p.seed).with_min_p(p.min_p);
             self.slots[i].active = Some(Active {
                 stops: StopMatcher::new(p.stop.clone()),
+                reserved: need,
                 job,
                 phase: Phase::Prompt(0),
                 sampler,
@@ -438,10 +517,8 @@ impl<'m> Engine<'m> {
             }
             let stepped = std::panic::catch_unwind(AssertUnwindSafe(|| self.step(i)));
             let (step, evaluated) = stepped.unwrap_or_else(|_| {
-                // A bug inside a step leaves the session in an unknown state: replace it.
-                self.slots[i].session = new_session(self.model, &self.cfg)
-                    .map_err(|e| log::error!("slot {i}: no new session ({e})"))
-                    .ok();
+                // A bug inside a step leaves the session in an unknown state; releasing the
+                // slot drops it.
                 let e =
                     ApiError::server("internal error while generating (a bug: please report it)");
                 (Step::Failed(e), true)
@@ -573,22 +650,14 @@ impl<'m> Engine<'m> {
         a.job.answer(Event::Done(Box::new(done)));
     }
 
-    /// Frees slot `i`, resets its cache (a new session if the reset fails), publishes it,
+    /// Frees slot `i` and its cache (its reserved bytes back to the budget), publishes it,
     /// and returns what it was running.
     fn release(&mut self, i: usize) -> Option<Active> {
         let slot = &mut self.slots[i];
         let active = slot.active.take();
-        if let Some(s) = slot.session.as_mut() {
-            if let Err(e) = s.reset() {
-                log::error!("slot {i}: reset failed ({e}); making a new session");
-                slot.session = match new_session(self.model, &self.cfg) {
-                    Ok(s) => Some(s),
-                    Err(e) => {
-                        log::error!("slot {i}: no new session ({e}): the slot is out of service");
-                        None
-                    }
-                };
-            }
+        slot.session = None;
+        if let Some(a) = &active {
+            self.reserved -= a.reserved;
         }
         let view = self.view(i);
         if let Some(v) = self.shared.lock().slots.get_mut(i) {
@@ -624,7 +693,8 @@ impl<'m> Engine<'m> {
             id: s.id,
             id_task: a.map_or(-1, |a| a.job.id as i64),
             is_processing: a.is_some(),
-            n_ctx: self.cfg.n_ctx,
+            n_ctx: s.session.as_ref().map_or(self.cfg.n_ctx, |x| x.n_ctx()),
+            kv_reserved: a.map_or(0, |a| a.reserved),
             n_past,
             kv_bytes,
             n_prompt: a.map_or(0, |a| a.job.prompt.len()),
@@ -646,6 +716,8 @@ impl<'m> Engine<'m> {
         }
         let most = views.iter().map(|v| v.n_past as u64).max().unwrap_or(0);
         m.n_tokens_max = m.n_tokens_max.max(most);
+        m.kv_reserved = self.reserved;
+        m.kv_budget = self.cfg.kv_budget.unwrap_or(0);
         p.slots = views;
     }
 }

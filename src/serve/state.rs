@@ -13,6 +13,8 @@ pub struct SlotView {
     pub id_task: i64,
     pub is_processing: bool,
     pub n_ctx: usize,
+    /// KV bytes reserved for the running request (its session's closed form).
+    pub kv_reserved: usize,
     /// Tokens in its KV cache.
     pub n_past: usize,
     pub kv_bytes: usize,
@@ -50,6 +52,7 @@ impl SlotView {
             "n_past": self.n_past,
             "n_prompt_tokens": self.n_prompt,
             "kv_bytes": self.kv_bytes,
+            "kv_bytes_reserved": self.kv_reserved,
         })
     }
 }
@@ -68,6 +71,9 @@ pub struct Metrics {
     pub n_rounds: u64,
     /// The most tokens any slot held.
     pub n_tokens_max: u64,
+    /// KV bytes the running jobs reserved, against the budget.
+    pub kv_reserved: usize,
+    pub kv_budget: usize,
 }
 
 /// Slots and counters behind one lock: the engine publishes once per round.
