@@ -97,10 +97,7 @@ impl CacheKind {
         }
         Ok(match self {
             CacheKind::Block { ty, .. } => {
-                let t = ty.ggml_type();
-                let cells = n_tokens.div_ceil(256) * 256;
-                let row = hp.head_dim_k as usize * hp.n_head_kv as usize * cells;
-                2 * hp.n_layer as usize * row / t.block_size() as usize * t.type_size() as usize
+                crate::model::kv::ggml_cache_bytes(ty.ggml_type(), hp, n_tokens)
             }
             CacheKind::Ott(c) => crate::model::kv::ott_expected_bytes(c, hp, n_tokens)?,
         })

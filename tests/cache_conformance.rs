@@ -7,7 +7,7 @@
 //! `tests/engine_batch.rs`, on a real model.
 
 use ottkv::gguf::GgmlType;
-use ottkv::kind::{CacheKind, CacheRow};
+use ottkv::kind::CacheKind;
 use ottkv::model::synthetic::{synthetic_model, Arch, SyntheticSpec};
 use ottkv::model::{Logits, Model, Session, SessionParams};
 use ottkv::Error;
@@ -69,7 +69,6 @@ fn every_cache_keeps_the_contract() {
     for (arch, model) in models(dir.path()) {
         let toks = tokens(&model, n);
         let hp = &model.hparams;
-        let elems = 2.0 * hp.n_layer as f64 * hp.n_head_kv as f64 * hp.head_dim_k as f64;
         for &cache in CACHES {
             let what = format!("{arch} {cache}");
             let mut s = session(&model, cache, n);
@@ -78,17 +77,10 @@ fn every_cache_keeps_the_contract() {
             // the choices it made where it made any.
             let first = s.eval(&toks, Logits::All).unwrap();
             let priced = match s.cache_choices(n) {
-                Some((_, bytes)) => bytes as f64,
-                None => {
-                    let row: CacheRow = cache.parse().unwrap();
-                    row.bits_at(hp, n).unwrap() * elems * n as f64 / 8.0
-                }
+                Some((_, bytes)) => bytes,
+                None => cache.parse::<CacheKind>().unwrap().bytes_at(hp, n).unwrap(),
             };
-            assert_eq!(
-                s.kv_bytes() as f64,
-                priced,
-                "{what}: reported vs closed form"
-            );
+            assert_eq!(s.kv_bytes(), priced, "{what}: reported vs closed form");
 
             // Reset: the same tokens again, the same logits.
             s.reset().unwrap();

@@ -163,16 +163,7 @@ impl HeadCache {
         self.val_params = Vec::new();
         self.masks = Vec::new();
         self.n_groups = 0;
-        for r in [
-            &mut self.win_k,
-            &mut self.win_v,
-            &mut self.pool_k,
-            &mut self.pool_v,
-            &mut self.extra_k,
-            &mut self.extra_v,
-            &mut self.sink_k,
-            &mut self.sink_v,
-        ] {
+        for r in self.row_sets_mut() {
             r.clear();
         }
         self.pool.clear();
@@ -185,30 +176,37 @@ impl HeadCache {
         }
         if self.auto_rows {
             if self.rows != RowPrecision::F16 {
+                // Every set allocated before any is replaced, so a failure changes nothing.
                 let hd = self.head_dim();
-                let f16 = |r: &Rows| {
-                    Rows::try_with_capacity(RowPrecision::F16, hd, r.capacity(), "the f16 rows")
-                };
-                let fresh = [
-                    f16(&self.win_k)?,
-                    f16(&self.win_v)?,
-                    f16(&self.pool_k)?,
-                    f16(&self.pool_v)?,
-                    f16(&self.extra_k)?,
-                    f16(&self.extra_v)?,
-                    f16(&self.sink_k)?,
-                    f16(&self.sink_v)?,
-                ];
-                let [wk, wv, pk, pv, ek, ev, sk, sv] = fresh;
-                (self.win_k, self.win_v) = (wk, wv);
-                (self.pool_k, self.pool_v) = (pk, pv);
-                (self.extra_k, self.extra_v) = (ek, ev);
-                (self.sink_k, self.sink_v) = (sk, sv);
+                let fresh = self
+                    .row_sets_mut()
+                    .map(|r| {
+                        Rows::try_with_capacity(RowPrecision::F16, hd, r.capacity(), "the f16 rows")
+                    })
+                    .into_iter()
+                    .collect::<Result<Vec<_>, _>>()?;
+                for (r, f) in self.row_sets_mut().into_iter().zip(fresh) {
+                    *r = f;
+                }
                 self.rows = RowPrecision::F16;
             }
             self.row_precision_pending = true;
         }
         Ok(())
+    }
+
+    /// Every set of rows kept outside the groups (window, pools, sinks; K and V).
+    fn row_sets_mut(&mut self) -> [&mut Rows; 8] {
+        [
+            &mut self.win_k,
+            &mut self.win_v,
+            &mut self.sink_k,
+            &mut self.sink_v,
+            &mut self.pool_k,
+            &mut self.pool_v,
+            &mut self.extra_k,
+            &mut self.extra_v,
+        ]
     }
 
     /// Positions whose queries are attended before the first flush (the flush comes with the
@@ -663,16 +661,7 @@ impl HeadCache {
             if !dominated {
                 let q8 = RowPrecision::new(8, hd);
                 self.rows = q8;
-                for r in [
-                    &mut self.win_k,
-                    &mut self.win_v,
-                    &mut self.sink_k,
-                    &mut self.sink_v,
-                    &mut self.pool_k,
-                    &mut self.pool_v,
-                    &mut self.extra_k,
-                    &mut self.extra_v,
-                ] {
+                for r in self.row_sets_mut() {
                     *r = r.converted(q8);
                 }
             }

@@ -1,7 +1,7 @@
 //! A model file's tensors as ggml tensors over its memory map: the context and the mapping in
 //! one owner, so no tensor can outlive the bytes it points into.
 
-use super::{Context, Tensor, TensorId};
+use super::{Context, TensorId};
 use crate::error::Result;
 use crate::gguf::GgufFile;
 
@@ -44,10 +44,5 @@ impl MappedWeights {
         // context (field order), and nothing writes weights.
         unsafe { t.bind_external(data)? };
         Ok(Some(t.id()))
-    }
-
-    /// The tensor behind a handle `bind` returned, borrowed from `self`.
-    pub fn tensor(&self, id: TensorId) -> Tensor<'_> {
-        id.get(self)
     }
 }

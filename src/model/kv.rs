@@ -20,8 +20,8 @@ pub(crate) struct KvInputs<'c> {
     /// `[n_kv, n]`), when the model has any.
     pub mask_swa: Option<Tensor<'c>>,
     pub n_kv: usize,
-    /// Our cache's exact window layers: ring cells of the new tokens (i64 `[n]`) and the
-    /// window mask over the whole ring (f16 `[cells, n]`).
+    /// Our cache's window rings: ring cells of the new tokens (i64 `[n]`) and the window
+    /// mask over the whole ring (f16 `[cells, n]`).
     pub ring: Option<(Tensor<'c>, Tensor<'c>)>,
 }
 
@@ -51,6 +51,20 @@ fn hadamard_matrix(n: usize) -> Vec<f32> {
 /// Bytes of `n` elements of type `ty` (whole blocks).
 fn row_bytes(ty: GgmlType, n: usize) -> usize {
     n / ty.block_size() as usize * ty.type_size() as usize
+}
+
+/// Cells of a ggml cache for `n_ctx` tokens: llama.cpp rounds its cache up to whole 256-cell
+/// pads, and the same cell count gives the same attended lengths, hence bit-identical flash
+/// attention.
+fn ggml_cells(n_ctx: usize) -> usize {
+    n_ctx.div_ceil(256) * 256
+}
+
+/// Bytes of a ggml cache of type `ty` for `hp` at `n_ctx` tokens (K and V, every layer), as
+/// `GgmlKv` allocates them.
+pub(crate) fn ggml_cache_bytes(ty: GgmlType, hp: &ModelHparams, n_ctx: usize) -> usize {
+    let row = hp.head_dim_k as usize * hp.n_head_kv as usize;
+    2 * hp.n_layer as usize * row_bytes(ty, row * ggml_cells(n_ctx))
 }
 
 /// `n_layers` pairs of zeroed K/V tensors `[row, cells]` of type `ty` in `ctx`.
@@ -174,13 +188,13 @@ impl WindowKv {
         let row = hp.head_dim_k as usize * hp.n_head_kv as usize;
         let cells = Self::cells(hp.n_swa as usize);
         let bytes = Self::bytes_for(hp);
-        let ctx = Context::new(bytes + Context::overhead(2 * n, 0), false)?;
-        if row % 32 != 0 {
+        if row % RING_TYPE.block_size() as usize != 0 {
             return Err(Error::Unsupported(format!(
                 "sliding-window layers with {row} K/V elements per token: the window ring \
                  stores q8_0 blocks of 32"
             )));
         }
+        let ctx = Context::new(bytes + Context::overhead(2 * n, 0), false)?;
         let (k, v) = zeroed_rows(&ctx, RING_TYPE, row, cells, n)?;
         let mut next = 0;
         let slot = hp
@@ -226,15 +240,13 @@ impl GgmlKv {
             });
         }
         let row = hd * hp.n_head_kv as usize;
-        // llama.cpp rounds its cache up to whole 256-cell pads; the same cell count gives the
-        // same attended lengths, hence bit-identical flash attention.
-        let n_ctx = n_ctx.div_ceil(256) * 256;
+        let bytes = ggml_cache_bytes(ty, hp, n_ctx);
+        let n_ctx = ggml_cells(n_ctx);
         let (rk, rv) = if rotate {
             crate::quant::llama_rotation_blocks(hd)
         } else {
             (0, 0)
         };
-        let bytes = 2 * hp.n_layer as usize * row_bytes(ty, row * n_ctx);
         let rot_bytes = 4 * (rk * rk + rv * rv);
         let ctx = Context::new(
             bytes + rot_bytes + Context::overhead(2 * hp.n_layer as usize + 4, 0),
@@ -363,7 +375,7 @@ fn record(err: &Mutex<Option<Error>>, e: Error) {
 pub(crate) struct OttKv {
     cache: RwLock<OttCache>,
     err: Mutex<Option<Error>>,
-    /// Window layers kept exact, when the window is shorter than the context.
+    /// Window layers kept in rings, when the window is shorter than the context.
     window: Option<WindowKv>,
     /// Per model layer: its layer in `cache`, or None for a layer of `window`.
     ott_layer: Vec<Option<usize>>,
@@ -380,8 +392,8 @@ pub(crate) enum Kv {
     Ott(Box<OttKv>),
 }
 
-/// Whether our cache keeps `hp`'s window layers exact beside it at `n_ctx` tokens: only where
-/// the window can cut a token off; shorter contexts put every layer in our cache.
+/// Whether our cache keeps `hp`'s window layers in rings beside it at `n_ctx` tokens: only
+/// where the window can cut a token off; shorter contexts put every layer in our cache.
 fn window_cuts(hp: &ModelHparams, n_ctx: usize) -> bool {
     hp.swa_layers.iter().any(|&s| s) && n_ctx > hp.n_swa as usize
 }
@@ -409,8 +421,7 @@ pub(crate) fn ott_expected_bytes(
     hp: &ModelHparams,
     n_tokens: usize,
 ) -> Result<usize> {
-    let mut shape = ott_shape(hp, n_tokens);
-    shape.max_tokens = n_tokens;
+    let shape = ott_shape(hp, n_tokens);
     let ring = if window_cuts(hp, n_tokens) {
         WindowKv::bytes_for(hp)
     } else {
@@ -427,7 +438,7 @@ impl Kv {
             }
             CacheKind::Ott(cfg) => {
                 // Our cache attends over every token it holds; where a window can cut some
-                // off, the window layers keep their window exact in a ring beside it instead.
+                // off, the window layers keep their window in a ring beside it instead.
                 let windowed = hp.swa_layers.iter().filter(|&&s| s).count();
                 if window_cuts(hp, n_ctx) && windowed == hp.n_layer as usize {
                     return Err(Error::Unsupported(format!(

@@ -26,7 +26,7 @@ pub mod text;
 pub use args::Args;
 
 use crate::error::{Error, Result};
-use crate::kind::{BlockType, CacheKind, CacheRow, Engine};
+use crate::kind::{BlockType, CacheKind};
 use crate::llama::LlamaModel;
 use state::{AppState, Info, Shared};
 use std::io::Write;
@@ -75,14 +75,7 @@ pub fn run(a: &Args) -> Result<()> {
     // What one slot's cache costs at a full context, ours against f16 (closed forms, as
     // `compare` and `inspect` cost them).
     let elems_per_token = 2.0 * hp.n_layer as f64 * hp.n_head_kv as f64 * hp.head_dim_k as f64;
-    let bytes_at = |k: &CacheKind| -> Result<f64> {
-        let row = CacheRow {
-            engine: Engine::Ours,
-            name: k.to_string(),
-            kind: k.clone(),
-        };
-        Ok(row.bits_at(hp, a.ctx_size)? / 8.0 * elems_per_token * a.ctx_size as f64)
-    };
+    let bytes_at = |k: &CacheKind| -> Result<f64> { Ok(k.bytes_at(hp, a.ctx_size)? as f64) };
     let f16 = CacheKind::Block {
         ty: BlockType::F16,
         rotate: false,

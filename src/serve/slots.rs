@@ -468,7 +468,9 @@ impl<'m> Engine<'m> {
             if need > budget {
                 let mib = |b: usize| b as f64 / (1u64 << 20) as f64;
                 job.answer(Event::Error(ApiError::bad_request(format!(
-                    "this request needs {:.2} MiB of KV cache for {n_ctx} tokens, more than                      the whole --kv-budget of {:.2} MiB: ask for fewer tokens (n_predict) or                      start the server with a larger budget",
+                    "this request needs {:.2} MiB of KV cache for {n_ctx} tokens, more than \
+                     the whole --kv-budget of {:.2} MiB: ask for fewer tokens (n_predict) or \
+                     start the server with a larger budget",
                     mib(need),
                     mib(budget)
                 ))));
