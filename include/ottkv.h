@@ -44,7 +44,7 @@ extern "C" {
 #endif
 
 /* Bumped on any incompatible change of a type or function below. */
-#define OTTKV_ABI_VERSION 2
+#define OTTKV_ABI_VERSION 3
 /* The ggml version ottkv is built against and bundles (llama-cpp-sys-2 0.1.161). */
 #define OTTKV_GGML_VERSION "0.26.0"
 
@@ -107,6 +107,11 @@ typedef struct ottkv_cache_config {
                                  OTTKV_VALUE_PER_CHANNEL (over G tokens, as keys) or
                                  OTTKV_VALUE_AUTO (per channel when head_dim < 32) */
     uint32_t untraced_key_bits; /* key bits in layers < untraced_layers; 0 = key_bits */
+    uint32_t value_param_bits;  /* 16: f16 (scale, min) per value group; 8: one byte each,
+                                   under an f16 pair per value-group column of a key group */
+    uint32_t value_fit;         /* 0: value grids span each group's min..max; 1: least-squares
+                                   grids (may clip a group's tails to narrow the step) */
+    uint32_t key_fit;           /* the same for each key channel's grid over a group */
     const ottkv_layer_override *overrides; /* n_overrides entries, any order, distinct layers */
     size_t n_overrides;
 } ottkv_cache_config;

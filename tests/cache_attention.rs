@@ -188,6 +188,13 @@ const SPECS: &[&str] = &[
     "ott3a:g=32,r=8,t=0",
     "ott4a:g=16,r=0,p=3,e=2,t=0,sink=20",
     "ott3:g=32,r=8,t=0,rot=auto,wb=auto,va=c",
+    // Least-squares grids and 8-bit value pairs, alone and together, per token and per
+    // channel.
+    "ott3:g=32,r=8,t=0,vf=ls,kf=ls",
+    "ott:g=16,r=0,p=3,e=2,t=0,vp=8",
+    "ott3a:g=32,r=8,t=0,va=c",
+    "ottk4v2:g=16,r=0,p=3,e=2,t=0,va=c,vf=ls",
+    "ott:k=4,v=3,g=48,r=8,t=0,vp=8,kf=ls,sink=4",
 ];
 
 #[test]

@@ -2,7 +2,7 @@
 
 use std::ops::Range;
 
-use ottkv::cache::{CacheConfig, CacheError, CacheShape, OttCache, Score, PRESETS};
+use ottkv::cache::{CacheConfig, CacheError, CacheShape, Fit, OttCache, Score, PRESETS};
 
 fn shape(head_dim: usize) -> CacheShape {
     CacheShape {
@@ -63,6 +63,24 @@ fn presets_have_the_documented_settings() {
         ((2, 2), (2, 2), (3, 2))
     );
     assert!(c.values_per_channel(8) && !c.values_per_channel(64));
+    // The adaptive presets fit their value grids by least squares and store value pairs in 8
+    // bits; the older ones keep min/max grids and f16 pairs (their measured numbers stay valid).
+    for name in ["ott3a", "ott4a", "recommended"] {
+        let c = CacheConfig::preset(name).unwrap();
+        assert_eq!(
+            (c.value_param_bits, c.value_fit, c.key_fit),
+            (8, Fit::LeastSquares, Fit::MinMax),
+            "{name}"
+        );
+    }
+    for name in ["ott2", "ott3", "ott3c", "ottk4v2", "kivi2"] {
+        let c = CacheConfig::preset(name).unwrap();
+        assert_eq!(
+            (c.value_param_bits, c.value_fit, c.key_fit),
+            (16, Fit::MinMax, Fit::MinMax),
+            "{name}"
+        );
+    }
     for p in PRESETS {
         let c: CacheConfig = p.parse().unwrap();
         c.validate().unwrap();
@@ -118,6 +136,20 @@ fn spec_strings_parse_and_round_trip() {
     assert_eq!(f.overrides.len(), 3);
     let back: CacheConfig = f.to_string().parse().unwrap();
     assert_eq!(back, f, "{f}");
+    // Grid fits and 8-bit value pairs, each on its own.
+    let g: CacheConfig = "ott3:vp=8,kf=ls".parse().unwrap();
+    assert_eq!(
+        (g.value_param_bits, g.value_fit, g.key_fit),
+        (8, Fit::MinMax, Fit::LeastSquares)
+    );
+    assert!(g.to_string().ends_with(",vp=8,kf=ls"), "{g}");
+    assert_eq!(g.to_string().parse::<CacheConfig>().unwrap(), g);
+    let h: CacheConfig = "ott3a:vp=16,vf=mm,kf=minmax".parse().unwrap();
+    assert_eq!(
+        (h.value_param_bits, h.value_fit, h.key_fit),
+        (16, Fit::MinMax, Fit::MinMax)
+    );
+    assert_eq!(h.to_string().parse::<CacheConfig>().unwrap(), h);
 }
 
 #[test]
@@ -140,6 +172,10 @@ fn spec_errors_name_the_field() {
         ("ott:q@1=3", "q@1"),
         ("ott:wb=4", "window_bits"),
         ("ott:va=x", "va"),
+        ("ott:vp=12", "value_param_bits"),
+        ("ott:vp=x", "vp"),
+        ("ott:vf=l2", "vf"),
+        ("ott:kf=", "kf"),
         ("ott:k", "k"),
         ("nope", "preset"),
     ] {

@@ -37,6 +37,8 @@ fn reported_memory_matches_closed_form_at_all_lengths() {
         "ott3:g=32,r=8,k@0=2,v@1-2=3",
         "ott3:g=32,r=8,p=2,e=3,wb=8",
         "ott3:g=48,r=8,va=c,k@1=2,v@2=4",
+        "ott3:g=48,r=8,va=c,vp=8,v@2=4",
+        "ott:k=3,v=3,g=32,r=8,gv=16,vp=8,vf=ls,kf=ls",
     ] {
         let config: CacheConfig = spec.parse().unwrap();
         let shape = CacheShape {

@@ -26,11 +26,12 @@ use crate::quant::{code_at, param_min, param_scale};
 /// Reusable per-thread buffers of the fast path.
 #[derive(Default)]
 pub(crate) struct Scratch {
-    scores: Vec<f32>,  // [visible tokens]
-    qs: Vec<f32>,      // [head_dim] query folded into one group's scales
-    qq: Vec<f32>,      // [head_dim] query pre-multiplied by the softmax scale
-    min_acc: Vec<f32>, // [head_dim / value_group]
-    kf: Vec<f32>,      // [tokens outside groups][head_dim] their K, then their V
+    scores: Vec<f32>,   // [visible tokens]
+    qs: Vec<f32>,       // [head_dim] query folded into one group's scales
+    qq: Vec<f32>,       // [head_dim] query pre-multiplied by the softmax scale
+    min_acc: Vec<f32>,  // [head_dim / value_group]
+    kf: Vec<f32>,       // [tokens outside groups][head_dim] their K, then their V
+    vdec: Vec<QParams>, // value pairs decoded from 8 bits (`vp=8`)
 }
 
 /// Attends `q` (`[head_dim]`) over all quantized slots and pools of `h` and over the first
@@ -92,11 +93,12 @@ pub(crate) fn attend_row(
         sum += *x;
     }
 
+    let val_params = h.value_params(&mut s.vdec);
     if h.value_per_channel {
         let cw = h.val_channel_words();
         for gi in 0..h.n_groups {
             let codes = &h.val_codes[gi * hd * cw..(gi + 1) * hd * cw];
-            let params = &h.val_params[gi * hd..(gi + 1) * hd];
+            let params = &val_params[gi * hd..(gi + 1) * hd];
             let p = &s.scores[gi * g..(gi + 1) * g];
             match h.geo.value_bits {
                 2 => value_channel_acc::<2>(codes, params, p, cw, out),
@@ -115,7 +117,7 @@ pub(crate) fn attend_row(
                 continue;
             }
             let codes = &h.val_codes[t * vw..(t + 1) * vw];
-            let params = &h.val_params[t * vnp..(t + 1) * vnp];
+            let params = &val_params[t * vnp..(t + 1) * vnp];
             match h.geo.value_bits {
                 2 => value_acc::<2>(codes, params, p, gv, &mut s.min_acc, out),
                 3 => value_acc::<3>(codes, params, p, gv, &mut s.min_acc, out),
@@ -657,7 +659,11 @@ pub(crate) fn attend_block(
     // VALUE_BLOCK tokens so that the broadcast weights stay in L1 across the channel chunks.
     let (vw, nvg) = (h.val_words(), h.val_nparams());
     let gv = h.geo.value_group as usize;
-    params_f32(&h.val_params[..nq * nvg], &mut s.ph, &mut s.vp);
+    params_f32(
+        &h.value_params(&mut s1.vdec)[..nq * nvg],
+        &mut s.ph,
+        &mut s.vp,
+    );
     s.pw.resize(VALUE_BLOCK * nvg, [[0.0; 4]; 4]);
     for (r0, m) in sub_blocks(rows) {
         // [n_vgroups][row]: the min sums of all rows advance together, in token order.

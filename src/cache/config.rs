@@ -7,7 +7,8 @@
 //! pool, key bits and value bits of layer L (`L` may be a range `A-B`, both ends included),
 //! `rot` Hadamard rotation (`0`|`1`|`auto`: keys per head), `sink` exact leading tokens, `wb` bits (16|8) of the
 //! window, sinks and pools, `va` value axis (`t` per token over Gv channels, `c` per channel
-//! over G tokens). `s` given a number
+//! over G tokens), `vp` bits (16|8) of each value group's (scale, min), `vf` / `kf`
+//! how value / key grids are fitted (`mm` min/max, `ls` least squares). `s` given a number
 //! (`s=4`) means `sink` (scores are only ever `l1`/`l2`, so the two cannot be confused).
 //! `Display` writes the fully explicit `ott:` form, which parses back to an equal config; `rot`
 //! and `sink` appear only when set, so the pre-existing presets print as they always did.
@@ -96,6 +97,25 @@ pub struct CacheConfig {
     /// Key bits in the untraced layers (`< untraced_layers`) unless a per-layer override says
     /// otherwise; `None` = `key_bits`.
     pub untraced_key_bits: Option<u32>,
+    /// Bits of a value group's (scale, min) pair: 16 = two f16, 8 = two bytes under one f16
+    /// pair per value-group column of a key group (see [`crate::quant::encode_params8`]).
+    /// Default 16.
+    pub value_param_bits: u32,
+    /// How each value group's grid is chosen. Default min/max.
+    pub value_fit: Fit,
+    /// How each key channel's grid over a group is chosen. Default min/max.
+    pub key_fit: Fit,
+}
+
+/// How a quantization group's grid (min, scale) is chosen.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Fit {
+    /// Spanning the group's extremes (KIVI, OTT): nothing clips, the step is widest.
+    #[default]
+    MinMax,
+    /// The grid with the least squared error found ([`crate::quant::least_squares_range`]):
+    /// it may clip a group's tails to narrow its step.
+    LeastSquares,
 }
 
 /// Walsh–Hadamard rotation of the stored rows.
@@ -194,6 +214,9 @@ impl CacheConfig {
             window_bits: 16,
             value_axis: ValueAxis::Token,
             untraced_key_bits: None,
+            value_param_bits: 16,
+            value_fit: Fit::MinMax,
+            key_fit: Fit::MinMax,
         }
     }
 
@@ -243,20 +266,26 @@ impl CacheConfig {
     /// rotated; keys rotated where that serves the queries seen so far better (`rot=auto`);
     /// rows in f16 where a few channels dominate the head's keys, else q8_0 (`wb=auto`); and
     /// 3-bit keys in the untraced layers too (Qwen2.5-Coder-0.5B's layer 0 is where its
-    /// attention error is largest). 3.05 bits per element at 8192 tokens at head_dim 64.
+    /// attention error is largest). Value grids fitted by least squares (`vf=ls`: the value
+    /// error halves; mean KLD 0.057 → 0.044 on Qwen2.5-Coder-0.5B / wikitext-2) and their
+    /// pairs in 8 bits (`vp=8`). Key grids stay min/max: fitted ones (`kf=ls`) lowered the
+    /// attention error of every model's dump but raised SmolLM2's KLD (0.034 → 0.038) and
+    /// changed nothing on Qwen2.5-Coder-0.5B. 2.91 bits per element at 8192 tokens at
+    /// head_dim 64.
     fn ott3a() -> Self {
         Self {
             rotate: Rotation::Auto,
             window_bits: WINDOW_BITS_AUTO,
             untraced_key_bits: None,
+            value_param_bits: 8,
+            value_fit: Fit::LeastSquares,
             ..Self::ott3c()
         }
     }
 
-    /// `ott4a`: `ott3a` with 4-bit keys: 3.55 bits per element at 8192 tokens at head_dim 64.
-    /// The recommended preset: within ΔPPL +3% and mean KLD 0.035 of f16 on SmolLM2 and
-    /// Qwen2.5-Coder-0.5B (wikitext-2 and Hamlet, 2048 × 2), where `ott3a` is at the edge
-    /// (Qwen2.5-Coder-0.5B, wikitext-2: +2.7%, KLD 0.054).
+    /// `ott4a`: `ott3a` with 4-bit keys: 3.41 bits per element at 8192 tokens at head_dim 64.
+    /// The recommended preset: within ΔPPL +3% and mean KLD 0.035 of f16 on SmolLM2 and both
+    /// Qwen2.5-Coder models (wikitext-2 and Hamlet, 2048 × 2).
     fn ott4a() -> Self {
         Self {
             key_bits: 4,
@@ -319,6 +348,12 @@ impl CacheConfig {
             return bad(
                 "window_bits",
                 format!("{} is not 16, 8 or auto (0)", self.window_bits),
+            );
+        }
+        if ![16, 8].contains(&self.value_param_bits) {
+            return bad(
+                "value_param_bits",
+                format!("{} is not 16 or 8", self.value_param_bits),
             );
         }
         if self.sink > MAX_SINK {
@@ -550,6 +585,19 @@ impl FromStr for CacheConfig {
                     }
                 }
                 "kt" => c.untraced_key_bits = Some(num()?),
+                "vp" => c.value_param_bits = num()?,
+                "vf" | "kf" => {
+                    let fit = match val {
+                        "mm" | "minmax" => Fit::MinMax,
+                        "ls" | "lsq" => Fit::LeastSquares,
+                        _ => return Err(err(key, format!("{val:?} is not mm or ls"))),
+                    };
+                    if key == "vf" {
+                        c.value_fit = fit;
+                    } else {
+                        c.key_fit = fit;
+                    }
+                }
                 "rot" => {
                     c.rotate = match val {
                         "0" | "false" | "off" => Rotation::Off,
@@ -563,7 +611,7 @@ impl FromStr for CacheConfig {
                     let (what, layer) = key.split_once('@').ok_or_else(|| {
                         err(
                             key,
-                            "unknown field (k v g r p e t s gv rot sink wb va kt p@L e@L k@L v@L)"
+                            "unknown field (k v g r p e t s gv rot sink wb va kt vp vf kf p@L e@L k@L v@L)"
                                 .into(),
                         )
                     })?;
@@ -668,6 +716,15 @@ impl fmt::Display for CacheConfig {
         }
         if let Some(kt) = self.untraced_key_bits {
             write!(f, ",kt={kt}")?;
+        }
+        if self.value_param_bits != 16 {
+            write!(f, ",vp={}", self.value_param_bits)?;
+        }
+        if self.value_fit == Fit::LeastSquares {
+            write!(f, ",vf=ls")?;
+        }
+        if self.key_fit == Fit::LeastSquares {
+            write!(f, ",kf=ls")?;
         }
         for o in &self.overrides {
             if let Some(p) = o.pool {

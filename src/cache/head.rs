@@ -3,11 +3,12 @@
 use super::config::DOMINANT_BELOW;
 use super::probe::{attention_error, Queries, QueryProbe};
 use super::rows::{try_vec, RowPrecision, Rows};
-use super::{CacheError, MemoryStats, Rotation, Score};
+use super::{CacheError, Fit, MemoryStats, Rotation, Score};
 use crate::format::{words_for, Geometry, OutlierSlot, QParams};
 use crate::quant::{
-    dequantize_key_group, dequantize_value_row, hadamard_blocks, quantize_key_group,
-    quantize_value_row,
+    decode_params8, dequantize_key_group, dequantize_value_row, encode_params8, finite_range,
+    hadamard_blocks, least_squares_range, quantize_key_group, quantize_key_group_with,
+    quantize_value_row, quantize_value_row_with, range_params,
 };
 
 /// One (layer, kv-head): quantized groups, f16 window, outlier and extra pools, tracing state.
@@ -51,7 +52,15 @@ pub struct HeadCache {
     pub(crate) key_params: Vec<QParams>, // [n_groups][head_dim]
     pub(crate) val_codes: Vec<u32>, // [n_groups·G][value row words]
     pub(crate) val_params: Vec<QParams>, // [n_groups·G][head_dim / value_group]
-    pub(crate) masks: Vec<u32>,     // [n_groups][mask words]; bit set = placeholder slot
+    /// Value pairs in 8 bits each (`vp=8`): `val_params8` has the layout `val_params` has
+    /// otherwise and `val_params` stays empty; `val_super` holds one f16 pair per group and
+    /// value-group column (`[n_groups][head_dim / value_group]`, `[n_groups][1]` per channel).
+    pub(crate) value_params8: bool,
+    pub(crate) val_params8: Vec<[u8; 2]>,
+    pub(crate) val_super: Vec<QParams>,
+    pub(crate) value_fit: Fit,
+    pub(crate) key_fit: Fit,
+    pub(crate) masks: Vec<u32>, // [n_groups][mask words]; bit set = placeholder slot
     pub(crate) n_groups: usize,
     pub(crate) win_k: Rows,             // [window_len][head_dim]
     pub(crate) win_v: Rows,             // [window_len][head_dim]
@@ -92,6 +101,10 @@ pub(crate) struct HeadSettings {
     pub rows: Option<RowPrecision>,
     /// Values quantized per channel over the group (laid out as a key group).
     pub value_per_channel: bool,
+    /// Value (scale, min) pairs in 8 bits each.
+    pub value_params8: bool,
+    pub value_fit: Fit,
+    pub key_fit: Fit,
 }
 
 impl HeadCache {
@@ -109,6 +122,9 @@ impl HeadCache {
             sink_cap,
             rows,
             value_per_channel,
+            value_params8,
+            value_fit,
+            key_fit,
         } = st;
         let hd = geo.head_dim as usize;
         let row_precision_pending = rows.is_none();
@@ -135,6 +151,11 @@ impl HeadCache {
             key_params: Vec::new(),
             val_codes: Vec::new(),
             val_params: Vec::new(),
+            value_params8,
+            val_params8: Vec::new(),
+            val_super: Vec::new(),
+            value_fit,
+            key_fit,
             masks: Vec::new(),
             n_groups: 0,
             win_k: r(window_cap, "the f16 window")?,
@@ -161,6 +182,8 @@ impl HeadCache {
         self.key_params = Vec::new();
         self.val_codes = Vec::new();
         self.val_params = Vec::new();
+        self.val_params8 = Vec::new();
+        self.val_super = Vec::new();
         self.masks = Vec::new();
         self.n_groups = 0;
         for r in self.row_sets_mut() {
@@ -256,9 +279,18 @@ impl HeadCache {
         self.val_codes
             .try_reserve_exact(grow(n_vc).ok_or_else(|| fail(codes))?)
             .map_err(err(codes))?;
-        self.val_params
-            .try_reserve_exact(grow(n_vp).ok_or_else(|| fail(params))?)
-            .map_err(err(params))?;
+        if self.value_params8 {
+            self.val_params8
+                .try_reserve_exact(grow(n_vp).ok_or_else(|| fail(params))?)
+                .map_err(err(params))?;
+            self.val_super
+                .try_reserve_exact(grow(self.val_param_cols()).ok_or_else(|| fail(params))?)
+                .map_err(err(params))?;
+        } else {
+            self.val_params
+                .try_reserve_exact(grow(n_vp).ok_or_else(|| fail(params))?)
+                .map_err(err(params))?;
+        }
         self.masks
             .try_reserve_exact(grow(self.mask_words()).ok_or_else(|| fail("masks"))?)
             .map_err(err("masks"))?;
@@ -294,6 +326,34 @@ impl HeadCache {
     pub(crate) fn val_nparams(&self) -> usize {
         self.geo.value_row_params() as usize
     }
+    /// Value pairs of one group that share a super pair per column (`vp=8`): a token's value
+    /// groups per token, one column per channel.
+    pub(crate) fn val_param_cols(&self) -> usize {
+        if self.value_per_channel {
+            1
+        } else {
+            self.val_nparams()
+        }
+    }
+
+    /// Every quantized group's value (scale, min) pairs in the f16 layout the kernels read:
+    /// the stored ones, or (`vp=8`) decoded into `scratch`.
+    pub(crate) fn value_params<'a>(&'a self, scratch: &'a mut Vec<QParams>) -> &'a [QParams] {
+        if !self.value_params8 {
+            return &self.val_params;
+        }
+        let cols = self.val_param_cols();
+        let per_group = self.value_growth().1;
+        scratch.clear();
+        scratch.extend(
+            self.val_params8
+                .iter()
+                .enumerate()
+                .map(|(i, &b)| decode_params8(self.val_super[i / per_group * cols + i % cols], b)),
+        );
+        scratch
+    }
+
     pub(crate) fn mask_words(&self) -> usize {
         self.group().div_ceil(32)
     }
@@ -455,12 +515,11 @@ impl HeadCache {
     /// Dequantized values of all quantized slots: `[quantized_len][head_dim]`, in the caller's
     /// space.
     pub fn dequantized_values(&self) -> Vec<f32> {
+        let mut scratch = Vec::new();
+        let val_params = self.value_params(&mut scratch);
         if self.value_per_channel {
-            let mut v = self.dequantized_channel_groups(
-                &self.val_codes,
-                &self.val_params,
-                self.geo.value_bits,
-            );
+            let mut v =
+                self.dequantized_channel_groups(&self.val_codes, val_params, self.geo.value_bits);
             self.unrotate_values(&mut v);
             return v;
         }
@@ -469,7 +528,7 @@ impl HeadCache {
         for (t, o) in out.chunks_mut(hd).enumerate() {
             dequantize_value_row(
                 &self.val_codes[t * vw..(t + 1) * vw],
-                &self.val_params[t * np..(t + 1) * np],
+                &val_params[t * np..(t + 1) * np],
                 self.geo.value_group as usize,
                 self.geo.value_bits,
                 o,
@@ -487,7 +546,9 @@ impl HeadCache {
         let slot = std::mem::size_of::<OutlierSlot>();
         MemoryStats::new(
             (self.key_codes.capacity() + self.val_codes.capacity()) * u32s,
-            (self.key_params.capacity() + self.val_params.capacity()) * qp,
+            (self.key_params.capacity() + self.val_params.capacity() + self.val_super.capacity())
+                * qp
+                + self.val_params8.capacity() * std::mem::size_of::<[u8; 2]>(),
             self.win_k.bytes() + self.win_v.bytes(),
             self.pool_k.bytes()
                 + self.pool_v.bytes()
@@ -577,7 +638,7 @@ impl HeadCache {
         let w = words_for(g as u32, bits) as usize;
         let mut codes = vec![0u32; hd * w];
         let mut params = vec![QParams::default(); hd];
-        quantize_key_group(&group, g, hd, bits, &mut codes, &mut params)?;
+        self.quantize_keys(&group, bits, &mut codes, &mut params)?;
         let mut deq = vec![0f32; g * hd];
         dequantize_key_group(&codes, &params, g, hd, bits, &mut deq)?;
         Ok(sq(x, &back) > DOMINANT_BELOW * sq(&group[skip * hd..], &deq[skip * hd..]))
@@ -607,7 +668,7 @@ impl HeadCache {
         let w = words_for(g as u32, bits) as usize;
         let mut codes = vec![0u32; hd * w];
         let mut params = vec![QParams::default(); hd];
-        quantize_key_group(&x, g, hd, bits, &mut codes, &mut params)?;
+        self.quantize_keys(&x, bits, &mut codes, &mut params)?;
         let mut deq = vec![0f32; g * hd];
         dequantize_key_group(&codes, &params, g, hd, bits, &mut deq)?;
         if rotated {
@@ -784,20 +845,23 @@ impl HeadCache {
         self.key_params.resize(kp0 + hd, QParams::default());
         self.val_codes.reserve_exact(n_vc);
         self.val_codes.resize(vc0 + n_vc, 0);
-        self.val_params.reserve_exact(n_vp);
-        self.val_params.resize(vp0 + n_vp, QParams::default());
+        if !self.value_params8 {
+            self.val_params.reserve_exact(n_vp);
+            self.val_params.resize(vp0 + n_vp, QParams::default());
+        }
         self.masks.reserve_exact(mask.len());
         self.masks.extend_from_slice(&mask);
-        quantize_key_group(
-            kg,
-            g,
-            hd,
-            self.geo.key_bits,
-            &mut self.key_codes[kc0..],
-            &mut self.key_params[kp0..],
-        )?;
+        let (mut codes, mut params) = (
+            std::mem::take(&mut self.key_codes),
+            std::mem::take(&mut self.key_params),
+        );
+        let done = self.quantize_keys(kg, self.geo.key_bits, &mut codes[kc0..], &mut params[kp0..]);
+        (self.key_codes, self.key_params) = (codes, params);
+        done?;
         let gv = self.geo.value_group as usize;
-        if self.value_per_channel {
+        if self.value_params8 || self.value_fit != Fit::MinMax {
+            self.quantize_values_fitted(vg, vc0, vp0)?;
+        } else if self.value_per_channel {
             quantize_key_group(
                 vg,
                 g,
@@ -821,6 +885,118 @@ impl HeadCache {
         self.win_k.drain_front(g);
         self.win_v.drain_front(g);
         Ok(())
+    }
+}
+
+impl HeadCache {
+    /// Per-channel codes of a key group (`x`: `[G][head_dim]`) with this head's grid fit.
+    fn quantize_keys(
+        &self,
+        x: &[f32],
+        bits: u32,
+        codes: &mut [u32],
+        params: &mut [QParams],
+    ) -> Result<(), CacheError> {
+        let (hd, g) = (self.head_dim(), self.group());
+        if self.key_fit == Fit::MinMax {
+            return Ok(quantize_key_group(x, g, hd, bits, codes, params)?);
+        }
+        let mut col = vec![0f32; g]; // [G]
+        for (c, p) in params.iter_mut().enumerate().take(hd) {
+            col.iter_mut()
+                .enumerate()
+                .for_each(|(t, v)| *v = x[t * hd + c]);
+            let (lo, hi) = least_squares_range(&col, bits, finite_range(col.iter().copied())?);
+            *p = range_params(lo, hi, bits);
+        }
+        Ok(quantize_key_group_with(
+            x,
+            g,
+            hd,
+            bits,
+            &params[..hd],
+            codes,
+        )?)
+    }
+
+    /// Quantizes a flushed group's values (`vg`: `[G][head_dim]`) where their grids are
+    /// fitted or their pairs stored in 8 bits: every group's range first (fitted), then the
+    /// pairs (in 8 bits those of the whole group at once: they share a super pair per
+    /// column), then codes against the pairs as stored. Codes go to `val_codes[vc0..]`, f16
+    /// pairs to `val_params[vp0..]`.
+    fn quantize_values_fitted(
+        &mut self,
+        vg: &[f32],
+        vc0: usize,
+        vp0: usize,
+    ) -> Result<(), CacheError> {
+        let (hd, g) = (self.head_dim(), self.group());
+        let (bits, gv, cols) = (
+            self.geo.value_bits,
+            self.geo.value_group as usize,
+            self.val_param_cols(),
+        );
+        let groups: Vec<Vec<f32>> = if self.value_per_channel {
+            (0..hd)
+                .map(|c| (0..g).map(|t| vg[t * hd + c]).collect())
+                .collect()
+        } else {
+            vg.chunks(gv).map(<[f32]>::to_vec).collect()
+        };
+        let mut ranges = Vec::with_capacity(groups.len());
+        for x in &groups {
+            let r = finite_range(x.iter().copied())?;
+            ranges.push(match self.value_fit {
+                Fit::MinMax => r,
+                Fit::LeastSquares => least_squares_range(x, bits, r),
+            });
+        }
+        let dec = if self.value_params8 {
+            self.encode_values8(&ranges, cols, bits)?
+        } else {
+            let dec: Vec<QParams> = ranges
+                .iter()
+                .map(|&(lo, hi)| range_params(lo, hi, bits))
+                .collect();
+            self.val_params[vp0..vp0 + dec.len()].copy_from_slice(&dec);
+            dec
+        };
+        if self.value_per_channel {
+            quantize_key_group_with(vg, g, hd, bits, &dec, &mut self.val_codes[vc0..])?;
+        } else {
+            let (vw, np) = (self.val_words(), self.val_nparams());
+            for t in 0..g {
+                quantize_value_row_with(
+                    &vg[t * hd..(t + 1) * hd],
+                    gv,
+                    bits,
+                    &dec[t * np..(t + 1) * np],
+                    &mut self.val_codes[vc0 + t * vw..vc0 + (t + 1) * vw],
+                )?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Appends one group's 8-bit pairs and super pairs; returns the decoded pairs.
+    fn encode_values8(
+        &mut self,
+        ranges: &[(f32, f32)],
+        cols: usize,
+        bits: u32,
+    ) -> Result<Vec<QParams>, CacheError> {
+        let (p0, s0) = (self.val_params8.len(), self.val_super.len());
+        self.val_params8.reserve_exact(ranges.len());
+        self.val_params8.resize(p0 + ranges.len(), [0; 2]);
+        self.val_super.reserve_exact(cols);
+        self.val_super.resize(s0 + cols, QParams::default());
+        Ok(encode_params8(
+            ranges,
+            cols,
+            bits,
+            &mut self.val_super[s0..],
+            &mut self.val_params8[p0..],
+        )?)
     }
 }
 

@@ -74,7 +74,8 @@ impl Add for MemoryStats {
 /// Closed form of [`super::OttCache::memory`] after `n_tokens` tokens went through every layer.
 ///
 /// Per (layer, kv-head), with f = max(0, n − R) / G flushed groups, hd = head_dim:
-/// codes = 4·f·(hd·⌈G·b_k/32⌉ + G·⌈hd·b_v/32⌉) with that layer's bits, params = 4·f·(hd + G·hd/Gv),
+/// codes = 4·f·(hd·⌈G·b_k/32⌉ + G·⌈hd·b_v/32⌉) with that layer's bits, params = 4·f·(hd + G·hd/Gv)
+/// (with `vp=8`: f·(4·hd + 2·G·hd/Gv + 4·hd/Gv)),
 /// window = 2·row·min(R + G, max_tokens), pools = 2·row·(P + E + min(S, max_tokens)) with
 /// row the bytes of one stored row (2·hd for f16, hd + 2·hd/block for q8),
 /// masks_positions = 4·f·⌈G/32⌉ + 8·(P + E), with (P, E) of that layer.
@@ -117,14 +118,20 @@ pub(crate) fn expected_head_memory(
     let kw = words_for(g as u32, kb) as usize;
     let vw = words_for(hd as u32, vb) as usize;
     // Values per token: G rows of vw words and hd/Gv params; per channel: a key-like group.
-    let (v_codes, v_params) = if config.values_per_channel(hd as u32) {
-        (hd * words_for(g as u32, vb) as usize, hd)
+    let (v_codes, v_params, cols) = if config.values_per_channel(hd as u32) {
+        (hd * words_for(g as u32, vb) as usize, hd, 1)
     } else {
-        (g * vw, g * (hd / gv))
+        (g * vw, g * (hd / gv), hd / gv)
+    };
+    // 8-bit value pairs: two bytes each, plus one f16 pair per column of a group.
+    let v_param_bytes = if config.value_param_bits == 8 {
+        2 * v_params + qp * cols
+    } else {
+        qp * v_params
     };
     MemoryStats::new(
         4 * f * (hd * kw + v_codes),
-        qp * f * (hd + v_params),
+        f * (qp * hd + v_param_bytes),
         2 * row * (r + g).min(shape.max_tokens),
         2 * row * (p + e + (config.sink as usize).min(shape.max_tokens)),
         4 * f * g.div_ceil(32) + slot * (p + e),

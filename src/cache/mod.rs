@@ -30,7 +30,7 @@ mod probe;
 mod rows;
 
 pub(crate) use attn::dot_lanes;
-pub use config::{CacheConfig, LayerOverride, Rotation, Score, ValueAxis, PRESETS};
+pub use config::{CacheConfig, Fit, LayerOverride, Rotation, Score, ValueAxis, PRESETS};
 pub use error::CacheError;
 pub use head::HeadCache;
 pub use memory::{expected_memory, f16_bytes, MemoryStats};

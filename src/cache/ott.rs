@@ -305,6 +305,9 @@ impl OttCache {
                 rows: (config.window_bits != WINDOW_BITS_AUTO)
                     .then(|| RowPrecision::new(config.window_bits, shape.head_dim)),
                 value_per_channel: config.values_per_channel(shape.head_dim as u32),
+                value_params8: config.value_param_bits == 8,
+                value_fit: config.value_fit,
+                key_fit: config.key_fit,
             };
             for _ in 0..shape.n_head_kv {
                 heads.push(HeadCache::try_new(

@@ -9,7 +9,9 @@ use super::{
     ottkv_cache_shape, ottkv_layer_override, ottkv_memory_stats, ottkv_status, out_slice,
     write_out, CResult, CACHES,
 };
-use crate::cache::{CacheConfig, CacheShape, LayerOverride, OttCache, Rotation, Score, ValueAxis};
+use crate::cache::{
+    CacheConfig, CacheShape, Fit, LayerOverride, OttCache, Rotation, Score, ValueAxis,
+};
 
 /// Most per-layer overrides a C config may carry (a hostile count must not drive allocation).
 const MAX_OVERRIDES: usize = 1 << 16;
@@ -116,6 +118,27 @@ fn config_from_c(c: &ottkv_cache_config) -> CResult<CacheConfig> {
             }
         },
         untraced_key_bits: (c.untraced_key_bits != 0).then_some(c.untraced_key_bits),
+        value_param_bits: c.value_param_bits,
+        value_fit: match c.value_fit {
+            0 => Fit::MinMax,
+            1 => Fit::LeastSquares,
+            f => {
+                return err(
+                    OTTKV_ERR_INVALID_ARGUMENT,
+                    format!("value_fit {f} is not 0 (min/max) or 1 (least squares)"),
+                )
+            }
+        },
+        key_fit: match c.key_fit {
+            0 => Fit::MinMax,
+            1 => Fit::LeastSquares,
+            f => {
+                return err(
+                    OTTKV_ERR_INVALID_ARGUMENT,
+                    format!("key_fit {f} is not 0 (min/max) or 1 (least squares)"),
+                )
+            }
+        },
     };
     cfg.validate()?;
     Ok(cfg)
@@ -149,6 +172,15 @@ fn config_to_c(c: &CacheConfig) -> ottkv_cache_config {
             ValueAxis::Auto => 2,
         },
         untraced_key_bits: c.untraced_key_bits.unwrap_or(0),
+        value_param_bits: c.value_param_bits,
+        value_fit: match c.value_fit {
+            Fit::MinMax => 0,
+            Fit::LeastSquares => 1,
+        },
+        key_fit: match c.key_fit {
+            Fit::MinMax => 0,
+            Fit::LeastSquares => 1,
+        },
         overrides: std::ptr::null(),
         n_overrides: 0,
     }

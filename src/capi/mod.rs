@@ -25,7 +25,7 @@ use std::sync::{Arc, LazyLock, Mutex, MutexGuard};
 use crate::cache::CacheError;
 
 /// `OTTKV_ABI_VERSION` of include/ottkv.h.
-pub const ABI_VERSION: u32 = 2;
+pub const ABI_VERSION: u32 = 3;
 /// `OTTKV_GGML_VERSION`: the ggml bundled by llama-cpp-sys-2 =0.1.161.
 pub const GGML_VERSION: &str = "0.26.0";
 
@@ -99,6 +99,9 @@ pub struct ottkv_cache_config {
     pub window_bits: u32,
     pub value_axis: u32,
     pub untraced_key_bits: u32,
+    pub value_param_bits: u32,
+    pub value_fit: u32,
+    pub key_fit: u32,
     pub overrides: *const ottkv_layer_override,
     pub n_overrides: usize,
 }

@@ -255,6 +255,22 @@ fn unsupported(config: &CacheConfig, n_layer: usize, head_dim: usize) -> Result<
             "rot=auto (per-head key rotation); keys and values rotate together on CUDA".into(),
         ));
     }
+    if config.value_param_bits != 16 {
+        return Err(CudaError::Unsupported(format!(
+            "vp={} (value (scale, min) pairs are f16 on CUDA)",
+            config.value_param_bits
+        )));
+    }
+    if config.key_fit != crate::cache::Fit::MinMax {
+        return Err(CudaError::Unsupported(
+            "kf=ls (least-squares key grids); keys span min..max on CUDA".into(),
+        ));
+    }
+    if config.value_fit != crate::cache::Fit::MinMax {
+        return Err(CudaError::Unsupported(
+            "vf=ls (least-squares value grids); values span min..max on CUDA".into(),
+        ));
+    }
     if config.values_per_channel(head_dim as u32) {
         return Err(CudaError::Unsupported(
             "per-channel values (va=c); values are per token on CUDA".into(),

@@ -44,6 +44,11 @@ pub fn minmax_params(x: &[f32], bits: u32) -> Result<QParams, QuantError> {
         mn = mn.min(v);
         mx = mx.max(v);
     }
+    Ok(range_params(mn, mx, bits))
+}
+
+/// The f16 pair of a grid spanning `[mn, mx]` (both finite in f16, `mn <= mx`).
+pub fn range_params(mn: f32, mx: f32, bits: u32) -> QParams {
     let min = f16::from_f32(mn);
     // (mx - mn) <= 2 * 65504 and max_code >= 3, so the scale is always finite in f16; it can
     // underflow to 0 for a nearly constant group, which then behaves as a constant one.
@@ -52,10 +57,10 @@ pub fn minmax_params(x: &[f32], bits: u32) -> Result<QParams, QuantError> {
     } else {
         f16::ZERO
     };
-    Ok(QParams {
+    QParams {
         scale: scale.to_bits(),
         min: min.to_bits(),
-    })
+    }
 }
 
 /// Code of one value under given parameters: round to nearest, clamped to the code range.
@@ -85,6 +90,45 @@ pub fn quantize_group(x: &[f32], bits: u32, codes: &mut [u8]) -> Result<QParams,
     Ok(p)
 }
 
+/// The shapes of one key group (`n_values` = g·head_dim values, `n_words` words, `n_params`
+/// pairs); returns the words per channel.
+fn check_key_group(
+    g: usize,
+    head_dim: usize,
+    bits: u32,
+    n_values: usize,
+    n_words: usize,
+    n_params: usize,
+) -> Result<usize, QuantError> {
+    check_bits(bits)?;
+    let kw = words_for(g as u32, bits) as usize;
+    check_len("key group values", g * head_dim, n_values)?;
+    check_len("key group words", head_dim * kw, n_words)?;
+    check_len("key group params", head_dim, n_params)?;
+    Ok(kw)
+}
+
+/// The shapes of one token's value row: `hd` values in groups of `value_group`, packed into
+/// `n_words` words with `n_params` pairs.
+fn check_value_row(
+    hd: usize,
+    value_group: usize,
+    bits: u32,
+    n_words: usize,
+    n_params: usize,
+) -> Result<(), QuantError> {
+    check_bits(bits)?;
+    if value_group == 0 || hd % value_group != 0 {
+        return Err(QuantError::EmptyGroup);
+    }
+    check_len(
+        "value row words",
+        words_for(hd as u32, bits) as usize,
+        n_words,
+    )?;
+    check_len("value row params", hd / value_group, n_params)
+}
+
 fn check_len(what: &'static str, expected: usize, got: usize) -> Result<(), QuantError> {
     if expected == got {
         Ok(())
@@ -108,11 +152,7 @@ pub fn quantize_key_group(
     words: &mut [u32],
     params: &mut [QParams],
 ) -> Result<(), QuantError> {
-    check_bits(bits)?;
-    let kw = words_for(g as u32, bits) as usize;
-    check_len("key group values", g * head_dim, keys.len())?;
-    check_len("key group words", head_dim * kw, words.len())?;
-    check_len("key group params", head_dim, params.len())?;
+    let kw = check_key_group(g, head_dim, bits, keys.len(), words.len(), params.len())?;
     let mut col = vec![0f32; g]; // [g]
     let mut codes = vec![0u8; g]; // [g]
     for c in 0..head_dim {
@@ -120,6 +160,27 @@ pub fn quantize_key_group(
             *x = keys[t * head_dim + c];
         }
         params[c] = quantize_group(&col, bits, &mut codes)?;
+        pack_codes(&codes, bits, &mut words[c * kw..(c + 1) * kw])?;
+    }
+    Ok(())
+}
+
+/// Codes of `g` tokens per channel against given parameters (`params`: `[head_dim]`), for
+/// pairs stored in another form than computed here.
+pub fn quantize_key_group_with(
+    keys: &[f32],
+    g: usize,
+    head_dim: usize,
+    bits: u32,
+    params: &[QParams],
+    words: &mut [u32],
+) -> Result<(), QuantError> {
+    let kw = check_key_group(g, head_dim, bits, keys.len(), words.len(), params.len())?;
+    let mut codes = vec![0u8; g]; // [g]
+    for c in 0..head_dim {
+        for (t, q) in codes.iter_mut().enumerate() {
+            *q = quantize_one(keys[t * head_dim + c], params[c], bits);
+        }
         pack_codes(&codes, bits, &mut words[c * kw..(c + 1) * kw])?;
     }
     Ok(())
@@ -134,11 +195,7 @@ pub fn dequantize_key_group(
     bits: u32,
     out: &mut [f32],
 ) -> Result<(), QuantError> {
-    check_bits(bits)?;
-    let kw = words_for(g as u32, bits) as usize;
-    check_len("key group words", head_dim * kw, words.len())?;
-    check_len("key group params", head_dim, params.len())?;
-    check_len("key group output", g * head_dim, out.len())?;
+    let kw = check_key_group(g, head_dim, bits, out.len(), words.len(), params.len())?;
     for c in 0..head_dim {
         let (s, m) = (param_scale(params[c]), param_min(params[c]));
         let w = &words[c * kw..(c + 1) * kw];
@@ -159,18 +216,8 @@ pub fn quantize_value_row(
     words: &mut [u32],
     params: &mut [QParams],
 ) -> Result<(), QuantError> {
-    check_bits(bits)?;
-    let hd = v.len();
-    if value_group == 0 || hd % value_group != 0 {
-        return Err(QuantError::EmptyGroup);
-    }
-    check_len(
-        "value row words",
-        words_for(hd as u32, bits) as usize,
-        words.len(),
-    )?;
-    check_len("value row params", hd / value_group, params.len())?;
-    let mut codes = vec![0u8; hd]; // [head_dim]
+    check_value_row(v.len(), value_group, bits, words.len(), params.len())?;
+    let mut codes = vec![0u8; v.len()]; // [head_dim]
     for (j, (x, c)) in v
         .chunks(value_group)
         .zip(codes.chunks_mut(value_group))
@@ -178,6 +225,23 @@ pub fn quantize_value_row(
     {
         params[j] = quantize_group(x, bits, c)?;
     }
+    pack_codes(&codes, bits, words)
+}
+
+/// Codes of one token's values against given parameters (`params`: `[head_dim / value_group]`).
+pub fn quantize_value_row_with(
+    v: &[f32],
+    value_group: usize,
+    bits: u32,
+    params: &[QParams],
+    words: &mut [u32],
+) -> Result<(), QuantError> {
+    check_value_row(v.len(), value_group, bits, words.len(), params.len())?;
+    let codes: Vec<u8> = v
+        .iter()
+        .enumerate()
+        .map(|(c, &x)| quantize_one(x, params[c / value_group], bits))
+        .collect();
     pack_codes(&codes, bits, words)
 }
 
@@ -189,17 +253,7 @@ pub fn dequantize_value_row(
     bits: u32,
     out: &mut [f32],
 ) -> Result<(), QuantError> {
-    check_bits(bits)?;
-    let hd = out.len();
-    if value_group == 0 || hd % value_group != 0 {
-        return Err(QuantError::EmptyGroup);
-    }
-    check_len(
-        "value row words",
-        words_for(hd as u32, bits) as usize,
-        words.len(),
-    )?;
-    check_len("value row params", hd / value_group, params.len())?;
+    check_value_row(out.len(), value_group, bits, words.len(), params.len())?;
     for (c, o) in out.iter_mut().enumerate() {
         let p = params[c / value_group];
         *o = f32::from(super::code_at(words, bits, c)) * param_scale(p) + param_min(p);

@@ -4,16 +4,21 @@
 //! and scalar on purpose. No `unsafe` anywhere in here.
 #![forbid(unsafe_code)]
 
+mod fit;
 mod hadamard;
 mod minmax;
 mod pack;
+mod params8;
 
+pub use fit::least_squares_range;
 pub use hadamard::{hadamard_blocks, llama_rotation_blocks};
 pub use minmax::{
     dequantize_key_group, dequantize_value_row, f16_round, minmax_params, param_min, param_scale,
-    quantize_group, quantize_key_group, quantize_one, quantize_value_row,
+    quantize_group, quantize_key_group, quantize_key_group_with, quantize_one, quantize_value_row,
+    quantize_value_row_with, range_params,
 };
 pub use pack::{code_at, pack_codes, unpack_codes};
+pub use params8::{decode_params8, encode_params8, finite_range};
 
 /// Errors of the quantization primitives (all from checkable public input).
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
