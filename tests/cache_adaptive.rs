@@ -164,13 +164,13 @@ fn adaptive_memory_follows_the_choices_at_every_length() {
 #[test]
 fn recommended_names_the_adaptive_preset() {
     let r: CacheConfig = "recommended".parse().unwrap();
-    let a: CacheConfig = "ott4a".parse().unwrap();
+    let a: CacheConfig = "ott3a".parse().unwrap();
     assert_eq!(r, a);
     let s = a.to_string();
     assert!(s.contains("rot=auto") && s.contains("wb=auto"), "{s}");
     assert_eq!(s.parse::<CacheConfig>().unwrap(), a);
-    let o: CacheConfig = "recommended:k=3".parse().unwrap();
-    assert_eq!(o, "ott3a".parse::<CacheConfig>().unwrap());
+    let o: CacheConfig = "recommended:k=4".parse().unwrap();
+    assert_eq!(o, "ott4a".parse::<CacheConfig>().unwrap());
 }
 
 /// Exact causal attention of `q: [t][n_head][HD]` over `k`, `v: [t][NKV][HD]`.
