@@ -867,7 +867,13 @@ fn capi_forward_matches_rust_cache() {
     // The alias reaches the C spec parser, adaptive fields and all.
     let c = config("recommended");
     assert_eq!(
-        (c.rotate, c.window_bits, c.key_bits, c.value_param_bits, c.value_fit),
+        (
+            c.rotate,
+            c.window_bits,
+            c.key_bits,
+            c.value_param_bits,
+            c.value_fit
+        ),
         (2, 0, 3, 8, 1)
     );
 }

@@ -314,21 +314,35 @@ fn completion_matches_generate_and_streams_agree() {
     assert_eq!(w["content"], expect);
 }
 
-/// The tokens of each prompt, run at the same time on 4 slots and one by one.
+/// 16 prompts of different lengths: some are still in their prompt while others generate.
+fn sixteen_prompts() -> Vec<String> {
+    (0..16)
+        .map(|i| {
+            let p = PROMPTS[i % PROMPTS.len()];
+            format!("{}{p}", "Listen, and answer well. ".repeat(i * 3 / 4))
+        })
+        .collect()
+}
+
+/// The tokens of each of 16 prompts, run at the same time on 16 slots (one graph per round)
+/// and one by one.
 fn concurrent_equals_alone(cache_args: &[&str]) {
     let Some(m) = model() else { return };
     let _g = serial();
-    let mut args = vec!["-np", "4", "--metrics"];
+    let mut args = vec!["-np", "16", "--metrics", "-b", "64"];
     args.extend_from_slice(cache_args);
     let srv = Server::start(&m, &args);
     let c = client();
     let n = 12;
-    let alone: Vec<Vec<i64>> = PROMPTS
+    let prompts = sixteen_prompts();
+    let alone: Vec<Vec<i64>> = prompts
         .iter()
         .map(|p| greedy(&c, &srv.url, p, n).1)
         .collect();
+    let graphs = |c: &Client| metrics(c, &srv.url)["llamacpp:n_decode_total"];
+    let graphs_alone = graphs(&c);
     let together: Vec<Vec<i64>> = std::thread::scope(|s| {
-        let hs: Vec<_> = PROMPTS
+        let hs: Vec<_> = prompts
             .iter()
             .map(|p| {
                 let (c, url) = (c.clone(), srv.url.clone());
@@ -337,20 +351,28 @@ fn concurrent_equals_alone(cache_args: &[&str]) {
             .collect();
         hs.into_iter().map(|h| h.join().unwrap()).collect()
     });
-    assert_eq!(together, alone, "cache {cache_args:?}");
+    for (i, (t, a)) in together.iter().zip(&alone).enumerate() {
+        assert_eq!(
+            t, a,
+            "cache {cache_args:?}: request {i} beside 15 others vs alone"
+        );
+    }
     assert!(alone.iter().all(|t| !t.is_empty()));
 
+    // The 16 shared graphs: together they took a fraction of the graphs they took alone.
+    let graphs_together = graphs(&c) - graphs_alone;
+    assert!(
+        graphs_together * 4.0 <= graphs_alone,
+        "{graphs_together} graphs together vs {graphs_alone} alone"
+    );
     let metrics = metrics(&c, &srv.url);
-    // The 4 ran interleaved: some rounds had more than one busy slot.
-    let busy = metrics["llamacpp:n_busy_slots_per_decode"];
-    assert!(busy > 1.0, "n_busy_slots_per_decode {busy}");
     let total: usize = 2 * alone.iter().map(Vec::len).sum::<usize>();
     assert_eq!(metrics["llamacpp:tokens_predicted_total"] as usize, total);
     assert_eq!(metrics["llamacpp:requests_processing"], 0.0);
     // Finished requests give their caches back: idle slots hold no KV memory.
     assert_eq!(metrics["ottkv:kv_bytes_total"], 0.0);
     assert_eq!(metrics["ottkv:kv_bytes_reserved"], 0.0);
-    assert!(metrics.contains_key("ottkv:kv_bytes{slot=\"3\"}"));
+    assert!(metrics.contains_key("ottkv:kv_bytes{slot=\"15\"}"));
 }
 
 /// /metrics as Prometheus text: every sample line `name{labels} value`, HELP and TYPE for each.

@@ -93,6 +93,17 @@ impl Context {
         self.wrap(unsafe { sys::ggml_get_rows(self.as_ptr(), a.as_ptr(), ids.as_ptr()) })
     }
 
+    /// `a` and `b` (f32, same shape but in `dim`) joined along `dim`.
+    pub fn concat<'c>(&'c self, a: Tensor<'c>, b: Tensor<'c>, dim: usize) -> Result<Tensor<'c>> {
+        let (ea, eb) = (a.ne(), b.ne());
+        let alike = (0..4).all(|d| d == dim || ea[d] == eb[d]);
+        if dim > 3 || !alike || a.ty() != sys::GGML_TYPE_F32 || b.ty() != sys::GGML_TYPE_F32 {
+            return bad("concat", format!("{ea:?} and {eb:?} along {dim}"));
+        }
+        // SAFETY: shapes and types checked as ggml asserts.
+        self.wrap(unsafe { sys::ggml_concat(self.as_ptr(), a.as_ptr(), b.as_ptr(), dim as i32) })
+    }
+
     /// Writes rows of `src [k, n]` (f32) into rows `ids` (i64 `[n]`) of `dst [k, rows]`
     /// (converted to dst's type); returns a view of `dst` to order later reads after it.
     pub fn set_rows<'c>(

@@ -13,5 +13,5 @@ pub mod weights;
 pub use crate::kind::CacheKind;
 pub use check::{check_model, CheckedModel};
 pub use sample::argmax;
-pub use session::{Logits, Session, SessionParams};
+pub use session::{Batcher, Logits, Session, SessionParams, Stepped};
 pub use weights::{Arch, Model};

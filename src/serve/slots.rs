@@ -1,9 +1,8 @@
-//! The engine: one thread owns the model and one [`Session`] per slot and interleaves the
-//! active slots round by round — a prompt advances one `-b` chunk per round, a generating
-//! slot one token — so every stream makes progress while others run. Each slot computes
-//! its own graph over its own cache: many sequences, one graph each (one graph over all
-//! sequences is a later step). A slot's output depends only on its request, never on what
-//! the other slots do.
+//! The engine: one thread owns the model and one [`Session`] per slot and advances every
+//! active slot in one graph per round (continuous batching: a prompt advances one `-b` chunk
+//! per round, a generating slot one token, and a new request's prompt joins the next round),
+//! so the weights are read once per round for all of them. Attention runs per slot over its
+//! own cache: a slot's output depends only on its request, never on what the other slots do.
 //!
 //! The HTTP side submits jobs through a channel and reads each job's events from its own
 //! channel; a job whose receiver is gone (the client left) is dropped at the next round and
@@ -21,7 +20,7 @@ use super::text::{StopMatcher, Utf8Stream};
 use crate::kind::CacheKind;
 use crate::llama::LlamaModel;
 use crate::model::sample::Sampler;
-use crate::model::{Logits, Model, Session, SessionParams};
+use crate::model::{Batcher, Model, Session, SessionParams, Stepped};
 use std::collections::VecDeque;
 use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
@@ -263,6 +262,13 @@ pub fn start(
                     return;
                 }
             };
+            let batcher = match Batcher::new(cfg.threads) {
+                Ok(b) => b,
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                    return;
+                }
+            };
             let slots = (0..cfg.n_slots)
                 .map(|id| Slot {
                     id,
@@ -286,6 +292,7 @@ pub fn start(
                 waiting: w,
                 shared,
                 reserved: 0,
+                batcher,
             };
             engine.publish(0, 0);
             let _ = ready_tx.send(Ok(info));
@@ -363,9 +370,15 @@ enum Phase {
 }
 
 enum Step {
-    Continue,
+    /// Tokens to compute this round.
+    Eval(Vec<i32>),
     Finished(StopType, Option<String>),
     Failed(ApiError),
+}
+
+/// A bug inside a step leaves its sessions in an unknown state; releasing the slots drops them.
+fn internal() -> ApiError {
+    ApiError::server("internal error while generating (a bug: please report it)")
 }
 
 struct Engine<'m> {
@@ -378,6 +391,7 @@ struct Engine<'m> {
     shared: Shared,
     /// KV bytes the running jobs reserved.
     reserved: usize,
+    batcher: Batcher,
 }
 
 impl<'m> Engine<'m> {
@@ -505,9 +519,10 @@ impl<'m> Engine<'m> {
         }
     }
 
-    /// One step for every active slot; returns the graphs computed.
+    /// One step for every active slot, all in one graph: a prompt advances by one `-b`
+    /// chunk, a generating slot by one token. Returns the graphs computed (0 or 1).
     fn round(&mut self) -> u64 {
-        let mut n_eval = 0;
+        let mut batch: Vec<(usize, Vec<i32>)> = Vec::new();
         for i in 0..self.slots.len() {
             let Some(a) = &self.slots[i].active else {
                 continue;
@@ -517,65 +532,96 @@ impl<'m> Engine<'m> {
                 self.release(i);
                 continue;
             }
-            let stepped = std::panic::catch_unwind(AssertUnwindSafe(|| self.step(i)));
-            let (step, evaluated) = stepped.unwrap_or_else(|_| {
-                // A bug inside a step leaves the session in an unknown state; releasing the
-                // slot drops it.
-                let e =
-                    ApiError::server("internal error while generating (a bug: please report it)");
-                (Step::Failed(e), true)
-            });
-            n_eval += u64::from(evaluated);
-            match step {
-                Step::Continue => {}
+            let prepared = std::panic::catch_unwind(AssertUnwindSafe(|| self.prepare(i)));
+            match prepared.unwrap_or_else(|_| Step::Failed(internal())) {
+                Step::Eval(tokens) => batch.push((i, tokens)),
                 Step::Finished(stop, word) => self.finish(i, stop, word),
-                Step::Failed(e) => {
-                    log::error!("slot {i}: {e}");
-                    if let Some(mut a) = self.release(i) {
-                        a.job.answer(Event::Error(e));
+                Step::Failed(e) => self.fail(i, e),
+            }
+        }
+        // Every generating slot's token, and at most `-b` prompt tokens a round: whole
+        // chunks, cut where the request alone would cut them (so its numbers are the same
+        // whatever runs beside it), in slot order while they fit.
+        let n_batch = self.cfg.n_batch;
+        let mut room = n_batch;
+        batch.retain_mut(|(i, tokens)| {
+            let Some(Phase::Prompt(done)) = self.slots[*i].active.as_ref().map(|a| &a.phase) else {
+                return true;
+            };
+            tokens.truncate((*done / n_batch + 1) * n_batch - *done);
+            if tokens.len() > room {
+                return false;
+            }
+            room -= tokens.len();
+            true
+        });
+        if batch.is_empty() {
+            return 0;
+        }
+        let stepped = std::panic::catch_unwind(AssertUnwindSafe(|| self.eval(&batch)));
+        match stepped.unwrap_or_else(|_| Err(internal())) {
+            Ok(out) => {
+                for ((i, _), st) in batch.iter().zip(out) {
+                    if let Some((stop, word)) = self.advance(*i, st) {
+                        self.finish(*i, stop, word);
                     }
+                }
+            }
+            // The step's sessions are in an unknown state: each of its requests ends.
+            Err(e) => {
+                for (i, _) in &batch {
+                    self.fail(*i, e.clone());
                 }
             }
         }
-        n_eval
+        1
     }
 
-    /// Advances slot `i` by one prompt chunk or one token; the bool says a graph ran.
-    fn step(&mut self, i: usize) -> (Step, bool) {
-        let n_batch = self.cfg.n_batch;
+    /// One graph over the slots of `batch` and their next tokens.
+    fn eval(&mut self, batch: &[(usize, Vec<i32>)]) -> Result<Vec<Stepped>, ApiError> {
+        let mut want = batch.iter().map(|(i, t)| (*i, t.as_slice())).peekable();
+        let mut seqs: Vec<(&mut Session<'m>, &[i32])> = Vec::with_capacity(batch.len());
+        for (i, slot) in self.slots.iter_mut().enumerate() {
+            if want.peek().is_some_and(|&(j, _)| j == i) {
+                let (_, tokens) = want.next().expect("peeked");
+                let Some(s) = slot.session.as_mut() else {
+                    return Err(internal());
+                };
+                seqs.push((s, tokens));
+            }
+        }
+        self.batcher
+            .step(&mut seqs)
+            .map_err(|e| ApiError::server(e.to_string()))
+    }
+
+    fn fail(&mut self, i: usize, e: ApiError) {
+        log::error!("slot {i}: {e}");
+        if let Some(mut a) = self.release(i) {
+            a.job.answer(Event::Error(e));
+        }
+    }
+
+    /// What slot `i` computes this round: the rest of its prompt (the step takes what fits),
+    /// or the token it samples now, after sending its text; or its end.
+    fn prepare(&mut self, i: usize) -> Step {
         let vocab = self.vocab.clone();
         let slot = &mut self.slots[i];
-        let (Some(a), Some(session)) = (slot.active.as_mut(), slot.session.as_mut()) else {
-            return (Step::Continue, false);
+        let (Some(a), Some(session)) = (slot.active.as_mut(), slot.session.as_ref()) else {
+            return Step::Failed(internal());
         };
-        let failed = |e: crate::Error| Step::Failed(ApiError::server(e.to_string()));
         match &mut a.phase {
-            Phase::Prompt(done) => {
-                let end = (*done + n_batch).min(a.job.prompt.len());
-                let logits = match session.eval(&a.job.prompt[*done..end], Logits::Last) {
-                    Ok(l) => l,
-                    Err(e) => return (failed(e), true),
-                };
-                *done = end;
-                if end == a.job.prompt.len() {
-                    a.t_prompt_end = Some(Instant::now());
-                    a.phase = Phase::Decode(logits);
-                    if a.job.params.n_predict == Some(0) {
-                        return (Step::Finished(StopType::Limit, None), true);
-                    }
-                }
-                (Step::Continue, true)
-            }
+            Phase::Prompt(done) => Step::Eval(a.job.prompt[*done..].to_vec()),
             Phase::Decode(logits) => {
                 let tok = a.sampler.sample(logits) as i32;
                 if vocab.is_eog(tok) && !a.job.params.ignore_eos {
-                    return (Step::Finished(StopType::Eos, None), false);
+                    return Step::Finished(StopType::Eos, None);
                 }
                 a.generated.push(tok);
                 a.unsent.push(tok);
                 let bytes = match vocab.token_bytes(tok, false) {
                     Ok(b) => b,
-                    Err(e) => return (failed(e), false),
+                    Err(e) => return Step::Failed(ApiError::server(e.to_string())),
                 };
                 let text = a.utf8.push(&bytes);
                 let (show, hit) = a.stops.push(&text);
@@ -585,7 +631,7 @@ impl<'m> Engine<'m> {
                     let _ = a.job.events.send(Event::Text { text: show, tokens });
                 }
                 if hit.is_some() {
-                    return (Step::Finished(StopType::Word, hit), false);
+                    return Step::Finished(StopType::Word, hit);
                 }
                 if a.job
                     .params
@@ -593,15 +639,30 @@ impl<'m> Engine<'m> {
                     .is_some_and(|n| a.generated.len() >= n)
                     || session.n_past() >= session.n_ctx()
                 {
-                    return (Step::Finished(StopType::Limit, None), false);
+                    return Step::Finished(StopType::Limit, None);
                 }
-                match session.eval(&[tok], Logits::Last) {
-                    Ok(l) => *logits = l,
-                    Err(e) => return (failed(e), true),
-                }
-                (Step::Continue, true)
+                Step::Eval(vec![tok])
             }
         }
+    }
+
+    /// Takes what the step computed for slot `i`; its end when it has one.
+    fn advance(&mut self, i: usize, st: Stepped) -> Option<(StopType, Option<String>)> {
+        let a = self.slots[i].active.as_mut()?;
+        match &mut a.phase {
+            Phase::Prompt(done) => {
+                *done += st.consumed;
+                if *done == a.job.prompt.len() {
+                    a.t_prompt_end = Some(Instant::now());
+                    a.phase = Phase::Decode(st.logits);
+                    if a.job.params.n_predict == Some(0) {
+                        return Some((StopType::Limit, None));
+                    }
+                }
+            }
+            Phase::Decode(logits) => *logits = st.logits,
+        }
+        None
     }
 
     /// Frees the slot, then sends the job its end: a client that has its answer sees the
