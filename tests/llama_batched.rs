@@ -145,7 +145,7 @@ fn bad_sequences_and_overflow_are_errors() {
         ..Default::default()
     };
     let mut ctx = LlamaContext::new(&model, &p).unwrap();
-    let toks: Vec<Token> = vec![1; 6];
+    let toks: Vec<Token> = (10..16).collect();
     for seq in [2, -1, i32::MAX] {
         let e = ctx.decode_seqs(&[(0, &toks), (seq, &toks)]).unwrap_err();
         assert!(matches!(e, Error::InvalidArgument(_)), "{seq}: {e}");
@@ -177,4 +177,15 @@ fn bad_sequences_and_overflow_are_errors() {
     assert_eq!(rows.len(), 1);
     assert_eq!(rows[0].len(), model.n_vocab());
     assert_eq!(ctx.seq_len(1).unwrap(), 12);
+
+    // Two parts of one sequence in one call follow each other, as one part would.
+    ctx.clear();
+    let split = ctx
+        .decode_seqs(&[(0, &toks[..2]), (0, &toks[2..])])
+        .unwrap();
+    let mut one = LlamaContext::new(&model, &p).unwrap();
+    let all = one.decode_all_logits(&toks).unwrap();
+    let n = model.n_vocab();
+    assert!(max_diff(&split[0], &all[n..2 * n]) <= BATCHED_LOGIT_TOL);
+    assert!(max_diff(&split[1], &all[5 * n..]) <= BATCHED_LOGIT_TOL);
 }
