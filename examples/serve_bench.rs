@@ -246,7 +246,7 @@ fn run() -> Res<()> {
     if !a.budget_only {
         for cache in &caches {
             for &n in &clients {
-                let prompts = prompts(&all_tokens, n, a.prompt);
+                let prompts = distinct_prompts(&all_tokens, n, a.prompt);
                 match serve_run(&a, &server, &model, cache, n, &prompts) {
                     Ok(row) => {
                         print_serve(&row);
@@ -260,7 +260,7 @@ fn run() -> Res<()> {
             let full = LlamaModel::load(&model, false)?;
             for cache in anchor_caches(&caches) {
                 for &n in &clients {
-                    let prompts = prompts(&all_tokens, n, a.prompt);
+                    let prompts = distinct_prompts(&all_tokens, n, a.prompt);
                     let row = match anchor_run(&a, &full, &cache, &prompts) {
                         Ok(row) => row,
                         Err(e) => {
@@ -373,7 +373,7 @@ fn budget_prompt_len(ctx: usize) -> usize {
 const BUDGET_PREDICT: usize = 4;
 
 /// `n` distinct prompts of `len` tokens: consecutive slices of the text.
-fn prompts(tokens: &[Token], n: usize, len: usize) -> Vec<Vec<Token>> {
+fn distinct_prompts(tokens: &[Token], n: usize, len: usize) -> Vec<Vec<Token>> {
     tokens
         .chunks_exact(len)
         .take(n)
@@ -821,7 +821,7 @@ fn argmax(row: &[f32]) -> Token {
 /// stops the server rather than waiting for the rest.
 fn budget_run(a: &Args, bin: &Path, model: &Path, cache: &str, tokens: &[Token]) -> Res<BudgetRow> {
     let prompt_len = budget_prompt_len(a.budget_ctx);
-    let prompts = prompts(tokens, a.budget_clients, prompt_len);
+    let prompts = distinct_prompts(tokens, a.budget_clients, prompt_len);
     let args: Vec<String> = vec![
         "-np".into(),
         a.budget_clients.to_string(),
