@@ -43,6 +43,7 @@ fn parity(
         threads: 2,
         cache_k: ct,
         cache_v: ct,
+        ..Default::default()
     };
     let mut lctx = LlamaContext::new(&lm, &p).unwrap();
     let want = lctx.decode_all_logits(tokens).unwrap();
@@ -393,6 +394,7 @@ fn gemma3_270m_real_file_matches_llama_cpp_exactly() {
             threads: 2,
             cache_k: ct,
             cache_v: ct,
+            ..Default::default()
         };
         let mut lctx = LlamaContext::new(&lm, &p).unwrap();
         lctx.decode(prefix, false).unwrap();

@@ -104,6 +104,7 @@ pub fn make_runner<'m>(
                 threads,
                 cache_k: ct,
                 cache_v: ct,
+                ..Default::default()
             };
             let ctx = LlamaContext::new(llama, &p)?;
             let hp = &ours.hparams;

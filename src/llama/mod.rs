@@ -9,7 +9,7 @@ mod model;
 
 pub use capture::{capture_qkv, Captured};
 pub use chat::chat_apply_template;
-pub use context::{LlamaContext, LlamaContextParams};
+pub use context::{LlamaContext, LlamaContextParams, SeqId};
 pub use model::{LlamaModel, Token};
 
 use crate::ggml::sys;
