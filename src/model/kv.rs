@@ -381,10 +381,20 @@ pub(crate) struct OttKv {
     ott_layer: Vec<Option<usize>>,
 }
 
-/// One sub-batch's custom ops, alive while its graph is built and computed.
+/// One graph's custom ops, alive while it is built and computed: per layer of our cache, a
+/// write and an attention for each run of tokens between two flush points.
 pub(crate) struct OttOps<'a> {
-    writes: Vec<OttWrite<'a>>,
-    attends: Vec<OttAttend<'a>>,
+    /// The runs, as ranges of the graph's tokens of this sequence.
+    runs: Vec<Range<usize>>,
+    writes: Vec<Vec<OttWrite<'a>>>,
+    attends: Vec<Vec<OttAttend<'a>>>,
+}
+
+impl OttOps<'_> {
+    /// Nodes the runs add to a graph beyond one run per layer.
+    pub(crate) fn extra_nodes(&self, n_layer: usize) -> usize {
+        (self.runs.len() - 1) * n_layer * 8
+    }
 }
 
 pub(crate) enum Kv {
@@ -412,6 +422,13 @@ fn ott_shape(hp: &ModelHparams, n_ctx: usize) -> CacheShape {
         head_dim: hp.head_dim_k as usize,
         max_tokens: n_ctx,
     }
+}
+
+/// Tokens `r` of `x [hd, heads, n]`.
+pub(crate) fn tokens<'c>(ctx: &'c Context, x: Tensor<'c>, r: &Range<usize>) -> Result<Tensor<'c>> {
+    let ne = x.ne();
+    let (nb1, nb2) = (x.row_bytes(ne[0]), x.row_bytes(ne[0] * ne[1]));
+    ctx.view_3d(x, [ne[0], ne[1], r.len() as i64], nb1, nb2, r.start * nb2)
 }
 
 /// Closed-form bytes our cache `cfg` allocates for `hp` holding `n_tokens` tokens (its window
@@ -524,56 +541,65 @@ impl Kv {
         Ok(())
     }
 
-    /// How `n` new tokens after `n_past` must be split so every query sees the cache state it
-    /// would see when decoded alone (our cache flushes between tokens; ggml caches never do;
-    /// a window ring takes at most `RING_SLACK` tokens at once).
+    /// How `n` new tokens after `n_past` must be split into graphs: a window ring takes at
+    /// most `RING_SLACK` tokens at once; otherwise one graph takes them all (our cache's flush
+    /// points are handled inside the graph, see `ops`).
     pub fn plan(&self, n_past: usize, n: usize) -> Result<Vec<Range<usize>>> {
         match self {
-            Kv::Ggml(_) => Ok(std::iter::once(0..n).collect()),
-            Kv::Ott(o) => {
-                let c = o.cache.read().map_err(|_| Error::Poisoned("cache"))?;
-                debug_assert_eq!(c.layer_len(0).unwrap_or(0), n_past);
-                let plan = c.plan_subbatches(0, n)?;
-                if o.window.is_none() {
-                    return Ok(plan);
-                }
-                Ok(plan
-                    .into_iter()
-                    .flat_map(|r| {
-                        let end = r.end;
-                        r.step_by(RING_SLACK)
-                            .map(move |s| s..(s + RING_SLACK).min(end))
-                    })
+            Kv::Ott(o) if o.window.is_some() => {
+                debug_assert_eq!(
+                    o.cache.read().ok().and_then(|c| c.layer_len(0).ok()),
+                    Some(n_past)
+                );
+                Ok((0..n)
+                    .step_by(RING_SLACK)
+                    .map(|s| s..(s + RING_SLACK).min(n))
                     .collect())
             }
+            _ => Ok(std::iter::once(0..n).collect()),
         }
     }
 
-    /// The ops object for one sub-batch of `n` tokens (only our cache needs one).
-    pub fn ops(&self, n: usize, n_head: usize, scale: f32) -> Option<OttOps<'_>> {
-        let Kv::Ott(o) = self else { return None };
+    /// The ops of one graph of `n` new tokens (only our cache needs them): each query must see
+    /// the cache as it would decoded alone, so the tokens are cut at the cache's flush points
+    /// into runs, each appended and then attended before the next is appended.
+    pub fn ops(&self, n: usize, n_head: usize, scale: f32) -> Result<Option<OttOps<'_>>> {
+        let Kv::Ott(o) = self else { return Ok(None) };
+        let runs = o
+            .cache
+            .read()
+            .map_err(|_| Error::Poisoned("cache"))?
+            .plan_subbatches(0, n)?;
         let layers = o.ott_layer.iter().flatten().copied();
-        Some(OttOps {
-            writes: layers
-                .clone()
-                .map(|layer| OttWrite {
+        let per_run = |layer: usize| {
+            let writes = runs
+                .iter()
+                .map(|r| OttWrite {
                     cache: &o.cache,
                     layer,
-                    n,
+                    n: r.len(),
                     err: &o.err,
                 })
-                .collect(),
-            attends: layers
-                .map(|layer| OttAttend {
+                .collect();
+            let attends = runs
+                .iter()
+                .map(|r| OttAttend {
                     cache: &o.cache,
                     layer,
-                    n,
+                    n: r.len(),
                     n_head,
                     scale,
                     err: &o.err,
                 })
-                .collect(),
-        })
+                .collect();
+            (writes, attends)
+        };
+        let (writes, attends) = layers.map(per_run).unzip();
+        Ok(Some(OttOps {
+            runs,
+            writes,
+            attends,
+        }))
     }
 
     /// Graph inputs for a sub-batch of `n` tokens after `n_past`.
@@ -710,8 +736,33 @@ impl Kv {
                 (_, ott) => {
                     let l = ott.expect("every layer without a ring is in our cache");
                     let ops = ops.expect("our cache builds with its ops");
-                    let w = ctx.custom_op([1, 1, 1, 1], &[k, v], &ops.writes[l])?;
-                    let o = ctx.custom_op([hd, nh, n, 1], &[q, w], &ops.attends[l])?;
+                    if let [_] = ops.runs[..] {
+                        let w = ctx.custom_op([1, 1, 1, 1], &[k, v], &ops.writes[l][0])?;
+                        let o = ctx.custom_op([hd, nh, n, 1], &[q, w], &ops.attends[l][0])?;
+                        return ctx.reshape_2d(o, hd * nh, n);
+                    }
+                    // A run's write takes the previous run's attention as an input, which
+                    // orders it after that attention.
+                    let mut joined: Option<Tensor<'c>> = None;
+                    for (i, r) in ops.runs.iter().enumerate() {
+                        let (kr, vr) = (tokens(ctx, k, r)?, tokens(ctx, v, r)?);
+                        let w = match joined {
+                            None => ctx.custom_op([1, 1, 1, 1], &[kr, vr], &ops.writes[l][i])?,
+                            Some(j) => {
+                                ctx.custom_op([1, 1, 1, 1], &[kr, vr, j], &ops.writes[l][i])?
+                            }
+                        };
+                        let a = ctx.custom_op(
+                            [hd, nh, r.len() as i64, 1],
+                            &[tokens(ctx, q, r)?, w],
+                            &ops.attends[l][i],
+                        )?;
+                        joined = Some(match joined {
+                            None => a,
+                            Some(j) => ctx.concat(j, a, 2)?,
+                        });
+                    }
+                    let o = joined.expect("a graph has a run");
                     ctx.reshape_2d(o, hd * nh, n)
                 }
             },

@@ -6,7 +6,7 @@
 //! residual, RMSNorm, SwiGLU FFN (gemma3: GELU-gated, post-norm), residual] → norm → logits
 //! (gemma3: optional soft-capping).
 
-use super::kv::Kv;
+use super::kv::{tokens, Kv};
 use super::weights::{Arch, Model, W};
 use crate::error::{Error, Result};
 use crate::ggml::{Context, GraphAllocator, RopeMode, RopeParams, Tensor, GRAPH_NODES};
@@ -255,12 +255,20 @@ fn forward(
     } else {
         (None, 1.0 / (hd as f32).sqrt())
     };
-    let ops: Vec<_> = parts
+    let ops = parts
         .iter()
         .map(|p| p.kv.ops(p.tokens.len(), nh as usize, scale))
-        .collect();
-    // Each further sequence adds its views, cache ops and a join per layer.
-    let nodes = GRAPH_NODES + (parts.len() - 1) * hp.n_layer as usize * 32;
+        .collect::<Result<Vec<_>>>()?;
+    // Each further sequence adds its views, cache ops and a join per layer, and so does each
+    // further run of our cache between flush points.
+    let n_layer = hp.n_layer as usize;
+    let nodes = GRAPH_NODES
+        + (parts.len() - 1) * n_layer * 32
+        + ops
+            .iter()
+            .flatten()
+            .map(|o| o.extra_nodes(n_layer))
+            .sum::<usize>();
     let ctx = Context::new(Context::overhead(nodes, nodes), true)?;
     let graph = ctx.new_graph(nodes)?;
 
@@ -341,10 +349,11 @@ fn forward(
             let mut start = 0;
             for (i, p) in parts.iter().enumerate() {
                 let len = p.tokens.len();
+                let r = start..start + len;
                 let (qi, ki, vi) = (
-                    of_part(&ctx, q, start, len)?,
-                    of_part(&ctx, k, start, len)?,
-                    of_part(&ctx, v, start, len)?,
+                    tokens(&ctx, q, &r)?,
+                    tokens(&ctx, k, &r)?,
+                    tokens(&ctx, v, &r)?,
                 );
                 let a = p.kv.attention(
                     &ctx,
@@ -433,13 +442,6 @@ fn forward(
         return Ok(Vec::new());
     }
     out.to_vec_f32()
-}
-
-/// Tokens `start..start + len` of `x [hd, heads, n]`.
-fn of_part<'c>(ctx: &'c Context, x: Tensor<'c>, start: usize, len: usize) -> Result<Tensor<'c>> {
-    let ne = x.ne();
-    let (nb1, nb2) = (x.row_bytes(ne[0]), x.row_bytes(ne[0] * ne[1]));
-    ctx.view_3d(x, [ne[0], ne[1], len as i64], nb1, nb2, start * nb2)
 }
 
 fn linear<'c>(ctx: &'c Context, m: &'c Model, w: W, x: Tensor<'c>) -> Result<Tensor<'c>> {
