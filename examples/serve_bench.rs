@@ -306,8 +306,9 @@ fn run() -> Res<()> {
     }
     let budget_ratio = budget_ratio(&budget);
     let report = Report {
-        model: model.display().to_string(),
-        text: text.display().to_string(),
+        // File names only: the report is meant to be kept beside the code.
+        model: file_name(&model),
+        text: file_name(&text),
         prompt: a.prompt,
         gen: a.gen,
         threads: a.threads,
@@ -1089,4 +1090,11 @@ fn plot(r: &Report, dir: &Path, decode: bool) -> Res<()> {
     };
     lines_png(&series, &axes, &dir.join(name))?;
     Ok(())
+}
+
+fn file_name(p: &std::path::Path) -> String {
+    p.file_name().map_or_else(
+        || p.display().to_string(),
+        |n| n.to_string_lossy().into_owned(),
+    )
 }
