@@ -1034,44 +1034,44 @@ fn markdown(r: &Report) -> String {
     s
 }
 
+/// One line per cache, in first-seen order, of `(cache, clients, y)` rows.
+fn lines_per_cache(
+    series: &mut Vec<ottkv::eval::plot::Series>,
+    engine: &str,
+    rows: Vec<(&str, usize, f64)>,
+) {
+    let mut names: Vec<&str> = Vec::new();
+    for &(c, _, _) in &rows {
+        if !names.contains(&c) {
+            names.push(c);
+        }
+    }
+    for c in names {
+        series.push(ottkv::eval::plot::Series {
+            label: format!("{engine} {c}"),
+            points: rows
+                .iter()
+                .filter(|x| x.0 == c)
+                .map(|&(_, n, y)| (n as f64, y))
+                .collect(),
+        });
+    }
+}
+
 fn plot(r: &Report, dir: &Path, decode: bool) -> Res<()> {
     use ottkv::eval::plot::{lines_png, Axes, Series};
     let mut series: Vec<Series> = Vec::new();
     let y = |gen: f64, dec: Option<f64>| if decode { dec.unwrap_or(f64::NAN) } else { gen };
-    let mut names: Vec<&str> = Vec::new();
-    for x in &r.serve {
-        if !names.contains(&x.cache.as_str()) {
-            names.push(&x.cache);
-        }
-    }
-    for c in names {
-        series.push(Series {
-            label: format!("ottkv serve {c}"),
-            points: r
-                .serve
-                .iter()
-                .filter(|x| x.cache == c)
-                .map(|x| (x.clients as f64, y(x.gen_tps, x.decode_tps)))
-                .collect(),
-        });
-    }
-    let mut anchors: Vec<&str> = Vec::new();
-    for x in &r.anchor {
-        if !anchors.contains(&x.cache.as_str()) {
-            anchors.push(&x.cache);
-        }
-    }
-    for c in anchors {
-        series.push(Series {
-            label: format!("llama.cpp batched {c}"),
-            points: r
-                .anchor
-                .iter()
-                .filter(|x| x.cache == c)
-                .map(|x| (x.clients as f64, y(x.gen_tps, x.decode_tps)))
-                .collect(),
-        });
-    }
+    let serve = r
+        .serve
+        .iter()
+        .map(|x| (x.cache.as_str(), x.clients, y(x.gen_tps, x.decode_tps)));
+    let anchor = r
+        .anchor
+        .iter()
+        .map(|x| (x.cache.as_str(), x.clients, y(x.gen_tps, x.decode_tps)));
+    lines_per_cache(&mut series, "ottkv serve", serve.collect());
+    lines_per_cache(&mut series, "llama.cpp batched", anchor.collect());
     let what = if decode { "decode" } else { "generated" };
     let axes = Axes {
         title: format!(

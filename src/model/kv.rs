@@ -431,6 +431,28 @@ pub(crate) fn tokens<'c>(ctx: &'c Context, x: Tensor<'c>, r: &Range<usize>) -> R
     ctx.view_3d(x, [ne[0], ne[1], r.len() as i64], nb1, nb2, r.start * nb2)
 }
 
+/// `parts` (non-empty) joined along `dim`, pairwise so that each element is copied
+/// log2(parts) times rather than once per later part.
+pub(crate) fn join<'c>(
+    ctx: &'c Context,
+    mut parts: Vec<Tensor<'c>>,
+    dim: usize,
+) -> Result<Tensor<'c>> {
+    while parts.len() > 1 {
+        parts = parts
+            .chunks(2)
+            .map(|p| match p {
+                [a, b] => ctx.concat(*a, *b, dim),
+                [a] => Ok(*a),
+                _ => unreachable!("chunks of 2"),
+            })
+            .collect::<Result<_>>()?;
+    }
+    parts
+        .pop()
+        .ok_or_else(|| Error::InvalidArgument("nothing to join".into()))
+}
+
 /// Closed-form bytes our cache `cfg` allocates for `hp` holding `n_tokens` tokens (its window
 /// rings included), as `Kv::bytes` reports them.
 pub(crate) fn ott_expected_bytes(
@@ -736,34 +758,20 @@ impl Kv {
                 (_, ott) => {
                     let l = ott.expect("every layer without a ring is in our cache");
                     let ops = ops.expect("our cache builds with its ops");
-                    if let [_] = ops.runs[..] {
-                        let w = ctx.custom_op([1, 1, 1, 1], &[k, v], &ops.writes[l][0])?;
-                        let o = ctx.custom_op([hd, nh, n, 1], &[q, w], &ops.attends[l][0])?;
-                        return ctx.reshape_2d(o, hd * nh, n);
-                    }
                     // A run's write takes the previous run's attention as an input, which
                     // orders it after that attention.
-                    let mut joined: Option<Tensor<'c>> = None;
+                    let mut outs: Vec<Tensor<'c>> = Vec::with_capacity(ops.runs.len());
                     for (i, r) in ops.runs.iter().enumerate() {
-                        let (kr, vr) = (tokens(ctx, k, r)?, tokens(ctx, v, r)?);
-                        let w = match joined {
-                            None => ctx.custom_op([1, 1, 1, 1], &[kr, vr], &ops.writes[l][i])?,
-                            Some(j) => {
-                                ctx.custom_op([1, 1, 1, 1], &[kr, vr, j], &ops.writes[l][i])?
-                            }
-                        };
-                        let a = ctx.custom_op(
+                        let mut args = vec![tokens(ctx, k, r)?, tokens(ctx, v, r)?];
+                        args.extend(outs.last().copied());
+                        let w = ctx.custom_op([1, 1, 1, 1], &args, &ops.writes[l][i])?;
+                        outs.push(ctx.custom_op(
                             [hd, nh, r.len() as i64, 1],
                             &[tokens(ctx, q, r)?, w],
                             &ops.attends[l][i],
-                        )?;
-                        joined = Some(match joined {
-                            None => a,
-                            Some(j) => ctx.concat(j, a, 2)?,
-                        });
+                        )?);
                     }
-                    let o = joined.expect("a graph has a run");
-                    ctx.reshape_2d(o, hd * nh, n)
+                    ctx.reshape_2d(join(ctx, outs, 2)?, hd * nh, n)
                 }
             },
         }

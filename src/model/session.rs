@@ -6,7 +6,7 @@
 //! residual, RMSNorm, SwiGLU FFN (gemma3: GELU-gated, post-norm), residual] → norm → logits
 //! (gemma3: optional soft-capping).
 
-use super::kv::{tokens, Kv};
+use super::kv::{join, tokens, Kv};
 use super::weights::{Arch, Model, W};
 use crate::error::{Error, Result};
 use crate::ggml::{Context, GraphAllocator, RopeMode, RopeParams, Tensor, GRAPH_NODES};
@@ -331,50 +331,31 @@ fn forward(
             q = ctx.scale(q, s)?;
         }
         let v = ctx.reshape_3d(v, hd, nkv, n as i64)?;
-        let att = if let [p] = parts {
-            p.kv.attention(
+        let mut outs = Vec::with_capacity(parts.len());
+        let mut start = 0;
+        for (i, p) in parts.iter().enumerate() {
+            let r = start..start + p.tokens.len();
+            let (qi, ki, vi) = (
+                tokens(&ctx, q, &r)?,
+                tokens(&ctx, k, &r)?,
+                tokens(&ctx, v, &r)?,
+            );
+            let a = p.kv.attention(
                 &ctx,
                 &graph,
-                &kv_inp[0],
-                ops[0].as_ref(),
+                &kv_inp[i],
+                ops[i].as_ref(),
                 l,
-                q,
-                k,
-                v,
+                qi,
+                ki,
+                vi,
                 scale,
                 swa,
-            )?
-        } else {
-            let mut joined: Option<Tensor<'_>> = None;
-            let mut start = 0;
-            for (i, p) in parts.iter().enumerate() {
-                let len = p.tokens.len();
-                let r = start..start + len;
-                let (qi, ki, vi) = (
-                    tokens(&ctx, q, &r)?,
-                    tokens(&ctx, k, &r)?,
-                    tokens(&ctx, v, &r)?,
-                );
-                let a = p.kv.attention(
-                    &ctx,
-                    &graph,
-                    &kv_inp[i],
-                    ops[i].as_ref(),
-                    l,
-                    qi,
-                    ki,
-                    vi,
-                    scale,
-                    swa,
-                )?;
-                joined = Some(match joined {
-                    None => a,
-                    Some(j) => ctx.concat(j, a, 1)?,
-                });
-                start += len;
-            }
-            joined.expect("a graph has a part")
-        };
+            )?;
+            outs.push(a);
+            start = r.end;
+        }
+        let att = join(&ctx, outs, 1)?;
         let att = opt_norm(lin(lw.wo, att)?, lw.attn_post_norm)?;
         x = ctx.add(att, x)?;
         let cur = norm(x, lw.ffn_norm)?;

@@ -540,20 +540,21 @@ impl<'m> Engine<'m> {
             }
         }
         // Every generating slot's token, and at most `-b` prompt tokens a round: whole
-        // chunks, cut where the request alone would cut them (so its numbers are the same
-        // whatever runs beside it), in slot order while they fit.
-        let n_batch = self.cfg.n_batch;
-        let mut room = n_batch;
-        batch.retain_mut(|(i, tokens)| {
-            let Some(Phase::Prompt(done)) = self.slots[*i].active.as_ref().map(|a| &a.phase) else {
+        // chunks (see `prepare`), in slot order while they fit.
+        let mut room = self.cfg.n_batch;
+        batch.retain(|(i, tokens)| {
+            let prompt = matches!(
+                self.slots[*i].active.as_ref().map(|a| &a.phase),
+                Some(Phase::Prompt(_))
+            );
+            if !prompt {
                 return true;
-            };
-            tokens.truncate((*done / n_batch + 1) * n_batch - *done);
-            if tokens.len() > room {
-                return false;
             }
-            room -= tokens.len();
-            true
+            let fits = tokens.len() <= room;
+            if fits {
+                room -= tokens.len();
+            }
+            fits
         });
         if batch.is_empty() {
             return 0;
@@ -602,16 +603,21 @@ impl<'m> Engine<'m> {
         }
     }
 
-    /// What slot `i` computes this round: the rest of its prompt (the step takes what fits),
-    /// or the token it samples now, after sending its text; or its end.
+    /// What slot `i` computes this round: its prompt up to the next `-b` boundary (where the
+    /// request alone would cut it, so its numbers are the same whatever runs beside it), or
+    /// the token it samples now, after sending its text; or its end.
     fn prepare(&mut self, i: usize) -> Step {
+        let n_batch = self.cfg.n_batch;
         let vocab = self.vocab.clone();
         let slot = &mut self.slots[i];
         let (Some(a), Some(session)) = (slot.active.as_mut(), slot.session.as_ref()) else {
             return Step::Failed(internal());
         };
         match &mut a.phase {
-            Phase::Prompt(done) => Step::Eval(a.job.prompt[*done..].to_vec()),
+            Phase::Prompt(done) => {
+                let end = ((*done / n_batch + 1) * n_batch).min(a.job.prompt.len());
+                Step::Eval(a.job.prompt[*done..end].to_vec())
+            }
             Phase::Decode(logits) => {
                 let tok = a.sampler.sample(logits) as i32;
                 if vocab.is_eog(tok) && !a.job.params.ignore_eos {
